@@ -172,20 +172,21 @@ def detect_format(state: dict[str, torch.Tensor]) -> LoraFormat:
 
 
 def _refuse_unsupported(state: dict[str, torch.Tensor]) -> None:
-    keys = " ".join(state)
-    for marker, kind in (
-        ("hada_w1", "LyCORIS LoHa"),
-        ("lokr_w1", "LyCORIS LoKr"),
+    markers = (
+        (".hada_w1", "LyCORIS LoHa"),
+        (".lokr_w1", "LyCORIS LoKr"),
         (".lora_mid.", "LyCORIS LoCon with Tucker decomposition"),
-        ("dora_scale", "DoRA"),
-        ("lora_magnitude_vector", "DoRA"),
+        (".dora_scale", "DoRA"),
+        (".lora_magnitude_vector", "DoRA"),
         (".diff", "full weight-difference"),
-    ):
-        if marker in keys:
-            raise KeyMismatchError(
-                f"this is a {kind} file; LoRA Studio reads plain LoRA (and LoCon) files only. "
-                "Convert it to a plain LoRA first (for example by extracting a LoRA from the merged model)."
-            )
+    )
+    for key in state:
+        for marker, kind in markers:
+            if marker in key and (marker != ".diff" or key.endswith((".diff", ".diff_b"))):
+                raise KeyMismatchError(
+                    f"this is a {kind} file; LoRA Studio reads plain LoRA (and LoCon) files only. "
+                    "Convert it to a plain LoRA first (for example by extracting a LoRA from the merged model)."
+                )
 
 
 def _read_kohya(state: dict[str, torch.Tensor]) -> dict[str, LoraModule]:
@@ -231,7 +232,10 @@ def _read_peft(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict
 
 
 def _canonical_peft_path(path: str) -> str:
-    if path.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
+    component, _, name = path.partition(".")
+    if component in ("text_encoder", "text_encoder_2"):
+        return canonical_path(component, name)
+    if component == "unet":
         return path
     # peft-saved UNet adapters have no component prefix ("base_model.model." already stripped)
     return f"unet.{path}"
@@ -399,8 +403,50 @@ def model_module_shapes(pipe) -> dict[str, tuple[int, ...]]:
         for name, module in model.named_modules():
             base = getattr(module, "base_layer", module)  # modules already wrapped by peft
             if isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in name:
-                shapes[f"{component}.{name.replace('.base_layer', '')}"] = tuple(base.weight.shape)
+                shapes[canonical_path(component, name.replace(".base_layer", ""))] = tuple(base.weight.shape)
     return shapes
+
+
+def canonical_path(component: str, name: str) -> str:
+    """Canonical path of a module: text-encoder paths always carry "text_model." as in every LoRA file.
+
+    transformers 5 dropped the "text_model." level from CLIPTextModel (not from CLIPTextModelWithProjection);
+    the files users own keep it, so the studio keeps one spelling and resolves either.
+
+    >>> canonical_path("text_encoder", "encoder.layers.0.mlp.fc1")
+    'text_encoder.text_model.encoder.layers.0.mlp.fc1'
+    """
+    if component.startswith("text_encoder") and not name.startswith("text_model."):
+        name = f"text_model.{name}"
+    return f"{component}.{name}"
+
+
+def resolve_module(pipe, path: str) -> torch.nn.Module:
+    """The module of `pipe` a canonical path names (whichever text-encoder layout transformers uses)."""
+    component, _, name = path.partition(".")
+    model = getattr(pipe, component, None)
+    if model is None:
+        raise KeyMismatchError(f"the model has no {component} for module {path}.")
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        if name.startswith("text_model."):
+            try:
+                return model.get_submodule(name[len("text_model.") :])
+            except AttributeError:
+                pass
+    raise KeyMismatchError(f"the model has no module {path}.")
+
+
+def model_path(pipe, path: str) -> str:
+    """The module name inside its component for a canonical path (e.g. for peft target_modules)."""
+    component, _, name = path.partition(".")
+    model = getattr(pipe, component)
+    try:
+        model.get_submodule(name)
+        return name
+    except AttributeError:
+        return name[len("text_model.") :] if name.startswith("text_model.") else name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -502,8 +548,7 @@ def apply_to_pipeline(
         scale = weight * (block_weights.get(block_of(path) or "", 1.0) if block_weights else 1.0)
         if scale == 0:
             continue
-        component, _, name = path.partition(".")
-        module = getattr(pipe, component).get_submodule(name)
+        module = resolve_module(pipe, path)
         module = getattr(module, "base_layer", module)
         delta = m.delta(torch.float32).to(module.weight.device)
         module.weight.add_((scale * delta).reshape(module.weight.shape).to(module.weight.dtype))

@@ -1,0 +1,73 @@
+"""Machine-readable training events: one JSON object per line in <output_dir>/events.jsonl.
+
+The UI and the job queue read this file (or pass a callback) to follow a run. Every event has "event" and
+"time"; the kinds are:
+
+    start       {"max_steps", "method", "family", "modules", "trainable_params", "resumed_from_step"}
+    step        {"step", "loss", "lr", "images_per_s"}
+    sample      {"step", "paths"}
+    checkpoint  {"step", "path"}
+    done        {"step", "path", "files", "seconds"}
+    error       {"step", "message", "last_checkpoint"}
+    log         {"message"}
+
+    >>> events = EventLog("out/events.jsonl")  # doctest: +SKIP
+    >>> events.emit("step", step=1, loss=0.12, lr=1e-4)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+EventCallback = Callable[[dict[str, Any]], None]
+
+
+class EventLog:
+    """Appends events to a JSON-lines file (flushed per line) and passes each to an optional callback."""
+
+    def __init__(self, path: str | Path | None, callback: EventCallback | None = None, enabled: bool = True):
+        self.path = Path(path) if path else None
+        self.callback = callback
+        self.enabled = enabled
+        if self.path and enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"event": kind, "time": round(time.time(), 3), **{k: _plain(v) for k, v in fields.items()}}
+        if not self.enabled:
+            return event
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(event) + "\n")
+        if self.callback:
+            self.callback(event)
+        return event
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly value: paths as strings, non-finite floats as strings ("nan", "inf")."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    """All events of a run (a torn last line, from a crash mid-write, is skipped)."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
