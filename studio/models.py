@@ -447,7 +447,8 @@ def to_ldm_state_dict(components: Mapping[str, Any], family: Family) -> dict[str
     return out
 
 
-def _pipe_family(pipe: DiffusionPipeline) -> Family:
+def pipe_family(pipe: DiffusionPipeline) -> Family:
+    """The family of a loaded pipeline: SDXL pipelines have a second text encoder."""
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
 
 
@@ -469,9 +470,9 @@ def save_single_file(
         raise StudioError(f"{path}: checkpoints are written as .safetensors; change the file name.")
     if path.exists() and not overwrite:
         raise StudioError(f"{path} already exists; choose another name or pass --overwrite.")
-    if _pipe_family(pipe) != family:
+    if pipe_family(pipe) != family:
         raise FamilyMismatchError(
-            f"{path}: the pipeline is {FAMILY_NAMES[_pipe_family(pipe)]}, not {FAMILY_NAMES[family]}."
+            f"{path}: the pipeline is {FAMILY_NAMES[pipe_family(pipe)]}, not {FAMILY_NAMES[family]}."
         )
     tensors = to_ldm_state_dict(pipe.components, family)
     if dtype is not None:

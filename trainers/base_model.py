@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
@@ -33,25 +32,12 @@ class TrainModels:
 
 def load_base_model(cfg: TrainConfig):
     """Load cfg.model (diffusers folder or single file) with studio.models; '' means the built-in demo model."""
+    from studio.demo.paths import resolve_model
     from studio.models import load_base
 
-    path = cfg.model or default_model_path()
+    path, _ = resolve_model(cfg.model or None)
     # fp32 on the CPU: prepare_models moves and casts for the run's device and mixed precision
     return load_base(path, device="cpu", dtype=torch.float32, allow_pickle=cfg.allow_pickle)
-
-
-def default_model_path() -> str:
-    """The built-in demo model, when this installation ships one."""
-    try:
-        from studio import demo
-
-        finder = getattr(demo, "demo_model_path", None) or getattr(demo, "default_model_path", None)
-        path = finder() if callable(finder) else getattr(demo, "DEMO_MODEL", None)
-    except ImportError:
-        path = None
-    if not path or not Path(path).exists():
-        raise ConfigError("no base model given and no built-in demo model found: pass --model PATH")
-    return str(path)
 
 
 def resolve_mixed_precision(cfg: TrainConfig, cuda: bool) -> str:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from studio.config import config_to_dict
 from studio.errors import ConfigError, StudioError
 from studio.lora_files import model_module_shapes, write_lora
+from studio.models import pipe_family
 from studio.safetensors_io import atomic_write_text
 from studio.targets import ModuleTarget, plan_targets
 from trainers import checkpoint as ckpt
@@ -146,7 +147,7 @@ def load_models(
         loaded = load_base_model(cfg)
         pipe, family, name, model_hash = loaded.pipe, loaded.family, str(loaded.path), loaded.model_hash
     elif family is None:
-        family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
+        family = pipe_family(pipe)
     models = prepare_models(cfg, pipe, family, run.accelerator)
     models.name, models.model_hash = name, model_hash
     return models

@@ -30,7 +30,13 @@ def test_layering(tmp_path):
     add_config_args(parser, Demo)
     args = parser.parse_args(["--preset", str(preset), "--lr", "0.5", "--no-cache", "--set", "mode=switch"])
     cfg = config_from_args(Demo, args, preset_kind="demo")
-    assert (cfg.steps, cfg.lr, cfg.cache, cfg.mode, cfg.blocks) == (30, 0.5, False, "switch", ["OUT00", "OUT01"])
+    assert (cfg.steps, cfg.lr, cfg.cache, cfg.mode, cfg.blocks) == (
+        30,
+        0.5,
+        False,
+        "switch",
+        ["OUT00", "OUT01"],
+    )
     assert build_config(Demo, {"out": "x.safetensors"}).out == Path("x.safetensors")
     assert build_config(Demo, {"blocks": "IN01,IN02"}).blocks == ["IN01", "IN02"]
 

@@ -19,6 +19,7 @@ from studio.lora_files import (
     write_lora,
 )
 from studio.lora_random import random_lora
+from tests.probes import unet_output
 
 
 def assert_same_deltas(a: LoraSet, b: LoraSet, atol=1e-6):
@@ -31,23 +32,6 @@ def assert_same_deltas(a: LoraSet, b: LoraSet, atol=1e-6):
 @pytest.fixture(params=["sd15", "sdxl"])
 def family_pipe(request, tiny_sd15, tiny_sdxl):
     return request.param, (tiny_sd15 if request.param == "sd15" else tiny_sdxl)
-
-
-def unet_out(pipe, seed=0):
-    """UNet noise prediction on fixed inputs (with SDXL's size conditioning)."""
-    g = torch.Generator().manual_seed(seed)
-    unet = pipe.unet
-    sample = torch.randn(1, unet.config.in_channels, 8, 8, generator=g)
-    hidden = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
-    kwargs = {}
-    if unet.config.addition_embed_type == "text_time":
-        proj = pipe.text_encoder_2.config.projection_dim
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(1, proj, generator=g),
-            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]),
-        }
-    with torch.no_grad():
-        return unet(sample, 500, encoder_hidden_states=hidden, **kwargs).sample
 
 
 def text_out(pipe):
@@ -99,10 +83,10 @@ def test_written_file_loads_in_diffusers_with_same_outputs(family_pipe, fmt, tmp
     theirs = copy.deepcopy(pipe)
     theirs.load_lora_weights(str(path), adapter_name="x")
 
-    base = unet_out(pipe)
-    expected = unet_out(ours)
+    base = unet_output(pipe)
+    expected = unet_output(ours)
     assert (expected - base).abs().max() > 1e-3, "the LoRA must change the UNet output"
-    torch.testing.assert_close(unet_out(theirs), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(unet_output(theirs), expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(text_out(theirs), text_out(ours), atol=1e-4, rtol=1e-4)
 
 

@@ -12,7 +12,7 @@ from studio.errors import FamilyMismatchError
 from studio.lora_files import read_lora
 from studio.orthogonal import basis_slice, orthogonality_error
 from studio.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
-from tests.trainers.blockprobe import block_changes, changed_blocks
+from tests.probes import block_changes, changed_blocks
 from tests.trainers.conftest import TINY, make_images
 from trainers.config import TrainConfig
 from trainers.events import read_events

@@ -1,6 +1,7 @@
-"""Which blocks does a LoRA file change? Compare each block's output with and without it, on identical inputs.
+"""Probes of model outputs on fixed inputs, shared by the tests.
 
-Each UNet block module is first run without the LoRA and its inputs are recorded; with the LoRA loaded
+`unet_output` is a UNet prediction on fixed random inputs. `block_changes` answers "which blocks does a
+LoRA file change?": each UNet block module is first run without the LoRA and its inputs are recorded; with the LoRA loaded
 (diffusers' load_lora_weights), every block is fed the recorded inputs again, so a block's output changes
 only if its own weights changed, not because an earlier block did.
 """
@@ -92,3 +93,20 @@ def block_changes(pipe, family: str, lora_path) -> dict[str, float]:
 
 def changed_blocks(changes: dict[str, float], tol: float = 1e-7) -> set[str]:
     return {b for b, v in changes.items() if v > tol}
+
+
+def unet_output(pipe, seed: int = 0) -> torch.Tensor:
+    """UNet noise prediction on fixed random inputs (with SDXL's size conditioning)."""
+    g = torch.Generator().manual_seed(seed)
+    unet = pipe.unet
+    sample = torch.randn(2, unet.config.in_channels, 8, 8, generator=g)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    kwargs = {}
+    if unet.config.addition_embed_type == "text_time":
+        proj = pipe.text_encoder_2.config.projection_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, proj, generator=g),
+            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2),
+        }
+    with torch.no_grad():
+        return unet(sample, torch.tensor([500, 100]), encoder_hidden_states=hidden, **kwargs).sample

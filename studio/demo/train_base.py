@@ -1,0 +1,417 @@
+"""Train the built-in demo base models on the demo world: first the VAE, then the UNet with its text encoders.
+
+    python -m studio.demo.train_base --family sd15 --out studio/demo/weights/sd15 --work /tmp/demo-sd15
+    python -m studio.demo.train_base --family sdxl --out studio/demo/weights/sdxl --work /tmp/demo-sdxl \
+        --vae-from studio/demo/weights/sd15/vae
+
+Each phase is resumable: checkpoints go to --work every few minutes and a rerun with the same flags carries on.
+--max-minutes bounds one run of a phase; a phase that stopped early is finished by running the command again.
+The output is a diffusers pipeline folder (fp16 safetensors) with metadata.json recording command and seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file, save_file
+
+from studio.demo.architectures import build_text_encoders, build_unet, build_vae, train_scheduler
+from studio.demo.paths import check_family
+from studio.demo.pipelines import assemble_pipeline, encode_text, time_ids
+from studio.demo.world import ATTRIBUTES, WORLD
+from studio.errors import ConfigError
+from studio.tokenizers import EOS, clip_tokenizer, write_tokenizer_files
+
+# Words whose token rows are kept (randomly initialised) in the shipped text encoders although the base
+# training never shows them: held-out subjects and styles, and the usual DreamBooth / TI trigger words.
+RESERVED_WORDS = (
+    "sks",
+    "ohwx",
+    "zwx",
+    "photo",
+    "of",
+    "in",
+    "the",
+    "an",
+    "with",
+    "and",
+    "made",
+    "gold",
+    "style",
+)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Everything a run depends on (recorded in metadata.json)."""
+
+    family: str
+    out: str
+    work: str
+    seed: int = 0
+    vae_from: str | None = None  # reuse a trained VAE folder instead of training one
+    vae_images: int = 12000  # world images (split "all") for the VAE
+    vae_steps: int = 400
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    unet_images: int = 12000  # world images (split "base") for the UNet
+    unet_steps: int = 2000
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1  # share of captions replaced by the empty prompt (for guidance)
+    max_minutes: float = 40.0  # per phase and per run; rerun to continue
+    threads: int = 1
+
+
+# ------------------------------------------------------------------------------------------------ data
+def render_images(seed: int, n: int, split: str) -> tuple[torch.Tensor, list]:
+    """`n` world images from `split` as uint8 (n, 3, 64, 64), with their specs."""
+    specs = WORLD.sample(seed, n, split)
+    arr = np.stack([np.asarray(WORLD.render(s)) for s in specs])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), specs
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+def _cosine_lr(base: float, step: int, total: int, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, weights_only=True) if path.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+def train_vae(plan: TrainPlan, work: Path) -> AutoencoderKL:
+    """Train the autoencoder on all of the world (held-out shapes and styles too: LoRAs need them later)."""
+    vae = build_vae()
+    with torch.no_grad():  # start nearly deterministic (posterior std ~0.02), as a trained SD VAE is
+        logvar = slice(vae.config.latent_channels, None)
+        vae.quant_conv.weight[logvar] *= 0.01
+        vae.quant_conv.bias[logvar] = -8.0
+    ckpt_path = work / "vae.ckpt"
+    opt = torch.optim.AdamW(vae.parameters(), lr=plan.vae_lr, weight_decay=0.0)
+    ckpt = _load_checkpoint(ckpt_path)
+    step, elapsed = 0, 0.0
+    if ckpt:
+        vae.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        step, elapsed = ckpt["step"], ckpt["elapsed"]
+        print(f"vae: resuming at step {step}", flush=True)
+    if step >= plan.vae_steps:
+        return vae.eval()
+    images, _ = render_images(plan.seed, plan.vae_images, "all")
+    gen = torch.Generator().manual_seed(plan.seed * 1000 + step)
+    started, last_save = time.time(), time.time()
+    vae.train()
+    while step < plan.vae_steps and time.time() - started < plan.max_minutes * 60:
+        x = to_float(images[torch.randint(0, len(images), (plan.vae_batch,), generator=gen)])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(plan.vae_lr, step, plan.vae_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 25 == 0:
+            print(
+                f"vae step {step}/{plan.vae_steps} loss {loss.item():.4f} {time.time() - started:.0f}s",
+                flush=True,
+            )
+        if time.time() - last_save > 180 or step == plan.vae_steps:
+            state = {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}
+            _save_checkpoint(ckpt_path, state | {"elapsed": elapsed + time.time() - started})
+            last_save = time.time()
+    state = {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}
+    _save_checkpoint(ckpt_path, state | {"elapsed": elapsed + time.time() - started})
+    if step < plan.vae_steps:
+        raise SystemExit(f"vae: stopped at step {step}/{plan.vae_steps} (time limit); run again to continue")
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(
+    vae: AutoencoderKL, images: torch.Tensor, batch: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (unscaled)."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        dist = vae.encode(to_float(images[i : i + batch])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def load_vae(folder: Path) -> AutoencoderKL:
+    """A trained demo VAE from a diffusers folder (its scaling_factor is kept)."""
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"--vae-from {folder}: no VAE there (expected config.json + safetensors).")
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
+
+
+# ------------------------------------------------------------------------------------------------ text
+def keep_token_rows(text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence, seed: int) -> list[int]:
+    """Zero the embedding rows of tokens the demo never uses, so shipped files are mostly zeros.
+
+    Kept: every token of the world's vocabulary (held-out words too), RESERVED_WORDS and special tokens.
+    Rows of unused tokens get no gradient, so they stay zero through training.
+    """
+    words = [w for values in ATTRIBUTES.values() for w in values]
+    words += ["a", "on", "background", "shape", ",", *RESERVED_WORDS]
+    keep: set[int] = set()
+    for tok in tokenizers:
+        keep.update(tok(" ".join(words)).input_ids)
+        keep.add(tok.pad_token_id)
+    rows = sorted(keep)
+    gen = torch.Generator().manual_seed(seed)
+    for te in text_encoders:
+        emb = te.get_input_embeddings().weight
+        with torch.no_grad():
+            kept = torch.randn(len(rows), emb.shape[1], generator=gen) * 0.02
+            emb.zero_()
+            emb[rows] = kept
+    return rows
+
+
+class CaptionIds:
+    """Token ids of captions, cached per text (the world has a few thousand distinct captions)."""
+
+    def __init__(self, tokenizers: Sequence) -> None:
+        self.tokenizers = tokenizers
+        self.cache: dict[str, list[torch.Tensor]] = {}
+
+    def __call__(self, captions: Sequence[str]) -> list[torch.Tensor]:
+        """One (batch, 77) id tensor per tokenizer."""
+        for text in set(captions) - set(self.cache):
+            self.cache[text] = [
+                tok(
+                    text,
+                    padding="max_length",
+                    max_length=tok.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids[0]
+                for tok in self.tokenizers
+            ]
+        return [torch.stack([self.cache[c][i] for c in captions]) for i in range(len(self.tokenizers))]
+
+
+# ------------------------------------------------------------------------------------------------ UNet
+def _ema_update(ema: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module], decay: float) -> None:
+    with torch.no_grad():
+        for prefix, module in modules.items():
+            for name, p in module.named_parameters():
+                ema[f"{prefix}.{name}"].lerp_(p.detach(), 1 - decay)
+
+
+def train_unet(plan: TrainPlan, work: Path, vae: AutoencoderKL) -> dict[str, torch.nn.Module]:
+    """Train UNet + text encoders with the epsilon objective on captioned base-split latents."""
+    torch.manual_seed(plan.seed)
+    unet, text_encoders = build_unet(plan.family), build_text_encoders(plan.family)
+    tokenizers = (
+        [clip_tokenizer()] if plan.family == "sd15" else [clip_tokenizer(), clip_tokenizer(pad_token="!")]
+    )
+    keep_token_rows(text_encoders, tokenizers, plan.seed)
+    modules = {"unet": unet} | {
+        f"text_encoder{'' if i == 0 else '_2'}": te for i, te in enumerate(text_encoders)
+    }
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=plan.unet_lr, weight_decay=0.0)
+    ema = {f"{k}.{n}": p.detach().clone() for k, m in modules.items() for n, p in m.named_parameters()}
+    ckpt_path, step, elapsed = work / "unet.ckpt", 0, 0.0
+    if (ckpt := _load_checkpoint(ckpt_path)) is not None:
+        for key, module in modules.items():
+            module.load_state_dict(ckpt[key])
+        opt.load_state_dict(ckpt["opt"])
+        ema, step, elapsed = ckpt["ema"], ckpt["step"], ckpt["elapsed"]
+        print(f"unet: resuming at step {step}", flush=True)
+
+    latents_file = work / "latents.safetensors"
+    if latents_file.is_file():
+        cached = load_file(str(latents_file))
+        mean, std = cached["mean"], cached["std"]
+    else:
+        images, _ = render_images(plan.seed + 1, plan.unet_images, "base")
+        mean, std = encode_latents(vae, images)
+        save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(latents_file))
+    specs = WORLD.sample(plan.seed + 1, plan.unet_images, "base")
+    scale = vae.config.scaling_factor
+    scheduler = train_scheduler()
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    ids_of = CaptionIds(tokenizers)
+    gen = torch.Generator().manual_seed(plan.seed * 1000 + step)
+    rng = random.Random(f"captions:{plan.seed}:{step}")
+    started, last_save = time.time(), time.time()
+
+    def checkpoint() -> None:
+        state = {k: m.state_dict() for k, m in modules.items()}
+        state |= {
+            "opt": opt.state_dict(),
+            "ema": ema,
+            "step": step,
+            "elapsed": elapsed + time.time() - started,
+        }
+        _save_checkpoint(ckpt_path, state)
+
+    for m in modules.values():
+        m.train()
+    while step < plan.unet_steps and time.time() - started < plan.max_minutes * 60:
+        idx = torch.randint(0, len(mean), (plan.unet_batch,), generator=gen)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        drop = [rng.random() < plan.caption_dropout for _ in idx]
+        captions = ["" if d else WORLD.caption_variant(specs[i], rng) for d, i in zip(drop, idx.tolist())]
+        embeds, pooled = encode_text(text_encoders, ids_of(captions), plan.family)
+        if plan.family == "sdxl":  # half of the dropped captions become zeros (force_zeros_for_empty_prompt)
+            zero = torch.tensor([d and rng.random() < 0.5 for d in drop])[:, None]
+            embeds = torch.where(zero[:, :, None], torch.zeros_like(embeds), embeds)
+            pooled = torch.where(zero, torch.zeros_like(pooled), pooled)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        noisy = scheduler.add_noise(x0, noise, t)
+        extra = {}
+        if plan.family == "sdxl":
+            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids(len(idx))}}
+        pred = unet(noisy, t, embeds, **extra).sample
+        weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 weighting of the epsilon loss
+        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(plan.unet_lr, step, plan.unet_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        _ema_update(ema, modules, min(plan.ema_decay, (1 + step) / (10 + step)))
+        if step % 25 == 0:
+            print(
+                f"unet step {step}/{plan.unet_steps} loss {loss.item():.4f} {time.time() - started:.0f}s",
+                flush=True,
+            )
+        if time.time() - last_save > 180:
+            checkpoint()
+            last_save = time.time()
+    checkpoint()
+    if step < plan.unet_steps:
+        print(
+            f"unet: stopped at step {step}/{plan.unet_steps} (time limit); exporting, rerun to continue",
+            flush=True,
+        )
+    for key, module in modules.items():  # ship the EMA weights
+        module.load_state_dict({n: ema[f"{key}.{n}"] for n, _ in module.named_parameters()}, strict=False)
+        module.eval()
+    minutes = (elapsed + time.time() - started) / 60
+    return modules | {"tokenizers": tokenizers, "elapsed_minutes": minutes, "steps_done": step}
+
+
+# ------------------------------------------------------------------------------------------------ main
+def run(plan: TrainPlan, command: str) -> Path:
+    """All phases, then write the pipeline folder and metadata.json."""
+    check_family(plan.family)
+    torch.set_num_threads(plan.threads)
+    work, out = Path(plan.work), Path(plan.out)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if plan.vae_from:
+        vae = load_vae(Path(plan.vae_from))
+    else:
+        vae = train_vae(plan, work)
+        if vae.config.scaling_factor == 1.0:
+            images, _ = render_images(plan.seed + 1, 2000, "base")
+            mean, _ = encode_latents(vae, images)
+            vae.register_to_config(scaling_factor=round(float(1.0 / mean.std()), 5))
+    vae_minutes = (time.time() - t0) / 60
+    trained = train_unet(plan, work, vae)
+    pipe = assemble_pipeline(plan.family, vae, trained)
+    pipe.to(torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+    finish_folder(out, plan.family)
+    meta = {
+        "command": command,
+        "plan": asdict(plan),
+        "family": plan.family,
+        "scaling_factor": vae.config.scaling_factor,
+        "unet_minutes": round(trained["elapsed_minutes"], 1),
+        "unet_steps_done": trained["steps_done"],
+        "complete": trained["steps_done"] >= plan.unet_steps,
+        "vae_minutes_this_run": round(vae_minutes, 1),
+        "torch": torch.__version__,
+        "train_splits": {"vae": "all", "unet": "base"},
+    }
+    (out / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def finish_folder(out: Path, family: str) -> None:
+    """Ship CLIP's vocab.json/merges.txt (smaller than tokenizer.json) and mark text encoders float32.
+
+    The weights are stored in fp16 to keep the files small; "dtype": "float32" makes transformers load them
+    in float32 by default, like the UNet and VAE.
+    """
+    pads = {"tokenizer": EOS} if family == "sd15" else {"tokenizer": EOS, "tokenizer_2": "!"}
+    for name, pad in pads.items():
+        folder = out / name
+        for f in folder.iterdir():
+            f.unlink()
+        write_tokenizer_files(folder, pad_token=pad)
+    for name in ("text_encoder", "text_encoder_2"):
+        config = out / name / "config.json"
+        if config.is_file():
+            data = json.loads(config.read_text())
+            data["dtype"] = "float32"
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def parse_plan(argv: Sequence[str] | None = None) -> TrainPlan:
+    """Command-line flags -> TrainPlan (one flag per field, help from the field comments)."""
+    parser = argparse.ArgumentParser(description="Train a demo base model on the demo world.")
+    parser.add_argument("--family", required=True, choices=("sd15", "sdxl"))
+    parser.add_argument("--out", required=True, help="output pipeline folder")
+    parser.add_argument("--work", required=True, help="folder for checkpoints and cached latents")
+    defaults = TrainPlan(family="sd15", out="", work="")
+    for name, value in asdict(defaults).items():
+        if name in ("family", "out", "work"):
+            continue
+        kind = str if name == "vae_from" else type(value)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+    return TrainPlan(**vars(parser.parse_args(argv)))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: `python -m studio.demo.train_base --family sd15 --out DIR --work DIR`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    plan = parse_plan(args)
+    out = run(plan, " ".join(["python -m studio.demo.train_base", *args]))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The demo world: deterministic, splits keep held-out parts out, captions match what is drawn."""
+
+import numpy as np
+import pytest
+
+from studio.demo import world as w
+from studio.demo.world import WORLD, Spec
+from studio.errors import ConfigError, StudioError
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image)
+
+
+def test_same_seed_same_images():
+    a, b = WORLD.sample(3, 6, "all"), WORLD.sample(3, 6, "all")
+    assert a == b
+    for sa, sb in zip(a, b):
+        assert np.array_equal(pixels(WORLD.render(sa)), pixels(WORLD.render(sb)))
+    assert WORLD.sample(4, 6, "all") != a
+
+
+def test_images_are_64px_rgb_and_use_the_named_colours():
+    spec = Spec("square", "red", "blue", "flat", size=0.3)
+    image = WORLD.render(spec)
+    assert image.size == (64, 64) and image.mode == "RGB"
+    arr = pixels(image)
+    assert tuple(arr[1, 1]) == w.COLOUR_RGB["blue"]  # corner: background
+    assert tuple(arr[32, 32]) == w.COLOUR_RGB["red"]  # centre: the shape
+
+
+@pytest.mark.parametrize(
+    "split, shapes, styles",
+    [
+        ("base", w.BASE_SHAPES, w.BASE_STYLES),
+        ("holdout_subject", w.HOLDOUT_SHAPES, w.BASE_STYLES),
+        ("holdout_style", w.BASE_SHAPES, w.HOLDOUT_STYLES),
+        ("all", w.SHAPES, w.STYLES),
+    ],
+)
+def test_splits_keep_to_their_vocabulary(split, shapes, styles):
+    specs = WORLD.sample(0, 300, split)
+    assert {s.shape for s in specs} == set(shapes)
+    assert {s.style for s in specs} == set(styles)
+    assert all(s.colour != s.background for s in specs)
+
+
+def test_held_out_words_never_reach_base_captions():
+    import random
+
+    rng = random.Random(0)
+    words = set()
+    for spec in WORLD.sample(0, 500, "base"):
+        words |= set(WORLD.caption(spec).replace(",", " ").split())
+        words |= set(WORLD.caption_variant(spec, rng).replace(",", " ").split())
+    assert not words & set(w.HOLDOUT_SHAPES + w.HOLDOUT_STYLES)
+
+
+def test_captions():
+    spec = Spec("circle", "red", "blue", "flat")
+    assert WORLD.caption(spec) == "a red circle on a blue background"
+    assert WORLD.caption(Spec("star", "white", "black", "outlined")) == (
+        "a white star on a black background, outlined style"
+    )
+    assert WORLD.caption(spec, subject="sks shape") == "a sks shape on a blue background"
+
+
+def test_dreambooth_and_style_sets():
+    instances = WORLD.dreambooth_set(n=5, seed=1, shape="heart", colour="red", token="sks")
+    assert len(instances) == 5
+    assert {s.spec.shape for s in instances} == {"heart"} and {s.spec.colour for s in instances} == {"red"}
+    assert all(s.caption.startswith("a sks shape on a ") for s in instances)
+    assert WORLD.class_prompt("blue") == "a shape on a blue background"
+    styled = WORLD.style_set("dotted", n=4, seed=2, token="zwx")
+    assert {s.spec.style for s in styled} == {"dotted"}
+    assert all(s.caption.endswith(", zwx style") for s in styled)
+    assert WORLD.style_set("dotted", n=4, seed=2)[0].caption.endswith(", dotted style")
+
+
+def test_bad_names_fail_clearly():
+    with pytest.raises(ConfigError, match="split"):
+        WORLD.sample(0, 1, "everything")
+    with pytest.raises(StudioError, match="shape"):
+        WORLD.render(Spec("hexagon", "red", "blue", "flat"))
+    with pytest.raises(ConfigError, match="style"):
+        WORLD.style_set("cubist")

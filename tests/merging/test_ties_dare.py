@@ -1,0 +1,95 @@
+"""TIES / DARE / magnitude merges: the arithmetic on hand-made deltas, seeds, ranks, real files."""
+
+import pytest
+import torch
+
+from merging import MergeConfig, run_merge
+from merging.sources import MergeSource
+from merging.ties_dare import dense_merge
+from studio.config import build_config
+from studio.lora_files import LoraModule, LoraSet, read_lora, write_lora
+from studio.lora_random import random_lora
+
+PATH = "unet.mid_block.attentions.0.proj_out"
+
+
+def _source(delta, weight=1.0, label="x", alpha=None):
+    """A source whose only module has exactly this delta (identity down-projection)."""
+    delta = torch.tensor(delta, dtype=torch.float32)
+    n = delta.shape[1]
+    scale = 1.0 if alpha is None else alpha / n
+    module = LoraModule(torch.eye(n), delta / scale, alpha)
+    return MergeSource(LoraSet({PATH: module}, "sd15"), weight, None, label)
+
+
+def _merged(sources, method, **kw):
+    factors, info = dense_merge(sources, method, rank=2, **kw)
+    return factors[PATH].delta(), info[PATH]
+
+
+def test_ties_by_hand():
+    a = _source([[3.0, -1.0], [0.5, 2.0]], alpha=1.0)  # alpha/rank folded in before trimming
+    b = _source([[-1.5, -2.0], [1.0, 0.1]])
+    # trim to 2 of 4 entries: a -> [[3, 0], [0, 2]], b -> [[-1.5, -2], [0, 0]]; elected signs [[+, -], [+, +]]
+    got, info = _merged([a, b], "ties", density=0.5)
+    torch.testing.assert_close(got, torch.tensor([[3.0, -2.0], [0.0, 2.0]]), atol=1e-5, rtol=0)
+    assert info["svd"] < 1e-6 and info["pruning"] > 0.1
+    a.weight = 2.0  # weights apply after trimming and sign election, as in peft
+    got, _ = _merged([a, b], "ties", density=0.5)
+    torch.testing.assert_close(got, torch.tensor([[6.0, -2.0], [0.0, 4.0]]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude"])
+def test_same_numbers_as_peft(method):
+    from peft.utils import merge_utils
+
+    g = torch.Generator().manual_seed(0)
+    deltas = [torch.randn(12, 10, generator=g) for _ in range(3)]
+    weights = torch.tensor([0.7, 1.2, -0.4])
+    sources = [_source(d.tolist(), float(w), str(i)) for i, (d, w) in enumerate(zip(deltas, weights))]
+    factors, _ = dense_merge(sources, method, rank=10, density=0.3, sign_method="frequency")
+    if method == "ties":
+        expected = merge_utils.ties(deltas, weights, 0.3, "frequency")
+    else:
+        expected = merge_utils.magnitude_prune(deltas, weights, 0.3)
+    torch.testing.assert_close(factors[PATH].delta(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_ties_sign_methods():
+    sources = [_source([[3.0]], label="a"), _source([[-1.0]], label="b"), _source([[-1.0]], label="c")]
+    total, _ = _merged(sources, "ties", density=1.0, sign_method="total")  # 3 - 1 - 1 > 0
+    frequency, _ = _merged(sources, "ties", density=1.0, sign_method="frequency")  # two of three negative
+    assert float(total) == pytest.approx(3.0) and float(frequency) == pytest.approx(-1.0)
+
+
+def test_density_one_is_the_exact_sum_and_dare_is_seeded():
+    a = _source([[3.0, -1.0], [0.5, 2.0]], weight=0.7)
+    b = _source([[-1.5, -2.0], [1.0, 0.1]], weight=0.5)
+    exact = 0.7 * torch.tensor([[3.0, -1.0], [0.5, 2.0]]) + 0.5 * torch.tensor([[-1.5, -2.0], [1.0, 0.1]])
+    for method in ("magnitude", "dare"):
+        got, info = _merged([a, b], method, density=1.0)
+        torch.testing.assert_close(got, exact, atol=1e-5, rtol=0)
+        assert info["pruning"] < 1e-6
+    big = [
+        _source(torch.randn(16, 16, generator=torch.Generator().manual_seed(i)).tolist()) for i in range(2)
+    ]
+    one, _ = dense_merge(big, "dare", rank=16, density=0.5, seed=1)
+    again, _ = dense_merge(big, "dare", rank=16, density=0.5, seed=1)
+    other, _ = dense_merge(big, "dare", rank=16, density=0.5, seed=2)
+    torch.testing.assert_close(one[PATH].delta(), again[PATH].delta())
+    assert not torch.allclose(one[PATH].delta(), other[PATH].delta())
+
+
+@pytest.mark.parametrize("method", ["ties", "dare", "dare-ties", "magnitude"])
+def test_real_files_give_the_asked_rank(method, tiny_sdxl, tmp_path):
+    a = write_lora(random_lora(tiny_sdxl, "sdxl", rank=4, seed=1, conv=True), tmp_path / "a.safetensors")
+    b = write_lora(random_lora(tiny_sdxl, "sdxl", rank=8, seed=2), tmp_path / "b.safetensors", fmt="peft")
+    out = tmp_path / "m.safetensors"
+    cfg = build_config(MergeConfig, sources=[f"{a}:0.6", f"{b}:0.9"], method=method, rank=3, out=str(out))
+    result = run_merge(cfg)
+    merged = read_lora(out)
+    assert merged.ranks == [3] and merged.family == "sdxl"
+    assert set(merged.modules) == set(read_lora(a).modules) | set(read_lora(b).modules)
+    assert 0 < result.report.exactness < 1.5
+    details = result.report.details
+    assert details["rank"] == 3 and details["svd_error"]["max"] < 1 and details["pruning_error"]["mean"] > 0
