@@ -267,13 +267,13 @@ def _pattern(style: str, fg: tuple[int, int, int], big: int, unit: float) -> Ima
     pattern = Image.new("RGB", (big, big), fg)
     draw = ImageDraw.Draw(pattern)
     if style == "striped":
-        period, band = 12 * unit, 6 * unit
+        period, band = 20 * unit, 10 * unit  # coarser than a latent cell (8 px): the demo VAE keeps it
         k = -big
         while k < big:
             draw.polygon([(k, 0), (k + band, 0), (k + band + big, big), (k + big, big)], fill=shade)
             k += period
     else:
-        spacing, radius = 10 * unit, 2.6 * unit
+        spacing, radius = 16 * unit, 4.5 * unit
         y = spacing / 2
         while y < big:
             x = spacing / 2
