@@ -354,8 +354,11 @@ def run(plan: TrainPlan, command: str) -> Path:
     pipe.to(torch.float16)
     pipe.save_pretrained(out, safe_serialization=True)
     finish_folder(out, plan.family)
+    # A run may take several invocations (a VAE-only pass, resumes after --max-minutes): keep them all.
+    previous = out / "metadata.json"
+    earlier = json.loads(previous.read_text()).get("commands", []) if previous.is_file() else []
     meta = {
-        "command": command,
+        "commands": [*earlier, command],
         "plan": asdict(plan),
         "family": plan.family,
         "scaling_factor": vae.config.scaling_factor,

@@ -364,12 +364,12 @@ def test_lora_spec_parsing():
 
 
 def test_missing_demo_model_asks_for_model(monkeypatch):
-    import studio.demo
+    import studio.demo.paths
 
     def missing(family="sd15"):
         raise StudioError("missing")
 
-    monkeypatch.setattr(studio.demo, "demo_model_path", missing)
+    monkeypatch.setattr(studio.demo.paths, "demo_model_path", missing)
     with pytest.raises(ConfigError, match="pass --model"):
         GenerationService().generate(cfg(), save=False)
 

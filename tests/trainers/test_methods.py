@@ -116,6 +116,13 @@ def test_orthogonal_concepts_are_mutually_orthogonal(tmp_path, images):
     width = a.modules[path].down.shape[1]
     assert torch.equal(a.modules[path].down, basis_slice(width, 4, 0, seed=7)), "lora_A stays frozen"
     assert max(orthogonality_error(a.modules[p].down, b.modules[p].down) for p in a.modules) < 1e-5
-    assert all(m.up.abs().max() > 0 for m in a.modules.values()), "lora_B trains"
+    # The tiny model's mid block sees a 1 x 1 map: self-attention over one token ignores q and k (softmax of
+    # one score is 1), so their gradient is exactly zero. Every other lora_B must have moved.
+    one_token = (
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_k",
+    )
+    moved = {p: bool(m.up.abs().max() > 0) for p, m in a.modules.items()}
+    assert all(v for p, v in moved.items() if not p.endswith(one_token)), "lora_B trains"
     changes = block_changes(tiny_sd15_pipeline(seed=0), "sd15", tmp_path / "c0" / "lora.safetensors")
     assert changed_blocks(changes) == set(a.blocks)
