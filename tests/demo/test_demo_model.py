@@ -18,7 +18,7 @@ from studio.demo.evaluate import check_against
 from studio.demo.pipelines import load_demo_pipeline
 
 RECORD = Path(__file__).with_name("eval_quick_sd15.json")
-MARGIN = 0.25  # 8 images per line: one image is 0.125
+MARGIN = 0.375  # 8 images per line: three images; a CPU with other vector units may drift by one or two
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
