@@ -58,12 +58,27 @@ def run(args: argparse.Namespace) -> int:
         for k, v in vars(args).items()
         if k in ("images", "lora_steps", "rows") and v
     ]
+    recorded = read_record(args.check) if args.check else None  # before the long run, not after it
     data = evaluate(plan, command=" ".join(["lora-studio eval", *filter(None, flags)]))
     print((args.out / "eval.md").read_text())
-    if args.check:
-        recorded = json.loads(args.check.read_text())
+    if recorded is not None:
         failures = check_against(recorded, data, args.margin)
         for line in failures:
             print(f"BELOW RECORD: {line}", file=sys.stderr)
         return 1 if failures else 0
     return 0
+
+
+def read_record(path: Path) -> dict:
+    """A recorded eval.json for --check, or a clear error."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"--check {path}: cannot read it ({exc}); pass an eval.json written by `lora-studio eval`"
+        ) from None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("rows"), list):
+        raise ConfigError(
+            f"--check {path}: not an eval.json (no list of rows); pass one `lora-studio eval` wrote"
+        )
+    return recorded

@@ -32,6 +32,7 @@ from studio.demo.paths import check_family
 from studio.demo.pipelines import assemble_pipeline, encode_text, time_ids
 from studio.demo.world import ATTRIBUTES, WORLD
 from studio.errors import ConfigError
+from studio.safetensors_io import atomic_write_text
 from studio.tokenizers import EOS, clip_tokenizer, write_tokenizer_files
 
 # Words whose token rows are kept (randomly initialised) in the shipped text encoders although the base
@@ -355,8 +356,7 @@ def run(plan: TrainPlan, command: str) -> Path:
     pipe.save_pretrained(out, safe_serialization=True)
     finish_folder(out, plan.family)
     # A run may take several invocations (a VAE-only pass, resumes after --max-minutes): keep them all.
-    previous = out / "metadata.json"
-    earlier = json.loads(previous.read_text()).get("commands", []) if previous.is_file() else []
+    earlier = _earlier_commands(out / "metadata.json")
     meta = {
         "commands": [*earlier, command],
         "plan": asdict(plan),
@@ -369,8 +369,19 @@ def run(plan: TrainPlan, command: str) -> Path:
         "torch": torch.__version__,
         "train_splits": {"vae": "all", "unet": "base"},
     }
-    (out / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out / "metadata.json", json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def _earlier_commands(previous: Path) -> list[str]:
+    """Commands recorded by earlier invocations; an unreadable file is reported and started afresh."""
+    if not previous.is_file():
+        return []
+    try:
+        return list(json.loads(previous.read_text()).get("commands", []))
+    except (ValueError, AttributeError, TypeError) as exc:
+        print(f"{previous}: unreadable ({exc}); earlier commands are not carried over", flush=True)
+        return []
 
 
 def finish_folder(out: Path, family: str) -> None:

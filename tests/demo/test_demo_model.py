@@ -38,6 +38,14 @@ def test_default_model_is_the_demo_model(tmp_path, capsys):
     assert Image.open(png).size == (64, 64)
 
 
+def test_unreadable_record_fails_before_evaluating(tmp_path, capsys):
+    bad = tmp_path / "eval.json"
+    bad.write_text('{"rows": [')
+    assert main(["eval", "--quick", "--out", str(tmp_path / "out"), "--check", str(bad)]) != 0
+    assert "cannot read" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_check_against_flags_drops_only():
     recorded = {"rows": [{"section": "s", "case": "c", "metrics": {"subject": 0.8, "style": 0.5}}]}
     measured = {"rows": [{"section": "s", "case": "c", "metrics": {"subject": 0.4, "style": 0.9}}]}
