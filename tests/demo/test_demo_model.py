@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from studio.cli import main
 from studio.demo.adherence import measure_adherence
@@ -29,12 +30,10 @@ def test_base_model_follows_prompts_well_above_chance(family):
         assert report["accuracy"][attribute] > report["chance"][attribute] + 0.3, (attribute, report)
 
 
-def test_default_model_is_the_demo_model(tmp_path, capsys):
+def test_default_model_is_the_demo_model(tmp_path):
     assert main(["generate", "--prompt", "a red circle on a blue background", "--steps", "4", "--out",
                  str(tmp_path)]) == 0  # fmt: skip
     [png] = tmp_path.glob("*.png")
-    from PIL import Image
-
     assert Image.open(png).size == (64, 64)
 
 
