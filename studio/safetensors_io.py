@@ -112,14 +112,19 @@ def atomic_save_safetensors(
 
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
     """Write a small text file atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True) -> Path:
+    """Write a file atomically (temp file in the same folder + rename)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise StudioError(f"{path} already exists; choose another name or pass --overwrite.")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except OSError as exc:
         raise StudioError(f"could not write {path}: {exc.strerror or exc}. Nothing was changed.") from None

@@ -1,0 +1,93 @@
+"""Preparing a training folder: images plus one caption file each (name.png + name.txt), kohya-style.
+
+    >>> report = import_images(["a.jpg", "b.png"], Path("work/datasets/dog"), caption="a photo of sks dog")
+    >>> report.added, report.rejected          # doctest: +SKIP
+    (['a.png', 'b.png'], [])
+
+A file that is not a readable image is rejected with the reason and nothing else is lost: the good images
+are still added. Images are re-saved as PNG (EXIF rotation applied) so the trainer reads one format; every
+write is atomic.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from studio.errors import ConfigError
+from studio.safetensors_io import atomic_write_bytes, atomic_write_text
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class ImportReport:
+    """What an import did: files added (names in the dataset) and files rejected (name, reason)."""
+
+    added: list[str] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"added {len(self.added)} image(s)"
+        if self.rejected:
+            text += f"; skipped {len(self.rejected)}: " + "; ".join(
+                f"{n} ({why})" for n, why in self.rejected
+            )
+        return text
+
+
+def read_image(path: Path) -> Image.Image:
+    """An RGB image from `path`, or a ConfigError saying why it cannot be used."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode it all: a truncated file fails here, not in the middle of training
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ConfigError(f"{path.name}: not a readable image ({exc}); re-export it as PNG or JPEG") from None
+
+
+def import_images(
+    files: Sequence[str | Path], dest: Path, caption: str = "", overwrite: bool = False
+) -> ImportReport:
+    """Copy readable images into `dest` as PNG, each with `caption` in name.txt (when given)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    report = ImportReport()
+    for file in files:
+        path = Path(file)
+        try:
+            image = read_image(path)
+        except ConfigError as exc:
+            report.rejected.append((path.name, str(exc).split(": ", 1)[-1]))
+            continue
+        target = dest / f"{path.stem}.png"
+        if target.exists() and not overwrite:
+            target = _free_name(dest, path.stem)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        atomic_write_bytes(target, buffer.getvalue())
+        if caption.strip():
+            atomic_write_text(target.with_suffix(".txt"), caption.strip() + "\n")
+        report.added.append(target.name)
+    return report
+
+
+def dataset_images(folder: Path) -> list[Path]:
+    """The images of a dataset folder, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def write_caption(image: Path, caption: str) -> None:
+    """Set the caption of one image of a dataset (name.txt next to it)."""
+    atomic_write_text(image.with_suffix(".txt"), caption.strip() + "\n")
+
+
+def _free_name(folder: Path, stem: str) -> Path:
+    for i in range(1, 10_000):
+        candidate = folder / f"{stem}-{i}.png"
+        if not candidate.exists():
+            return candidate
+    raise ConfigError(f"{folder}: too many images named {stem}-N.png")

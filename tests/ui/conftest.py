@@ -1,0 +1,44 @@
+"""The real app on a free localhost port over a temporary workspace, shared by the UI tests of a module."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from studio.services import build_services
+from ui.app import build_app
+
+
+@pytest.fixture(scope="module")
+def studio_app(tmp_path_factory):
+    """(services, url): the page served on 127.0.0.1 with its job runner, closed after the module."""
+    services = build_services(tmp_path_factory.mktemp("workspace"))
+    app = build_app(services)
+    app.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    yield services, app.local_url
+    app.close()
+    services.close()
+
+
+@pytest.fixture(scope="module")
+def client(studio_app):
+    from gradio_client import Client
+
+    return Client(studio_app[1], verbose=False)
+
+
+@pytest.fixture
+def wait_for_job():
+    """wait_for_job(services, job_id) -> the job once it has ended; fails the test on timeout."""
+    return _wait_for_job
+
+
+def _wait_for_job(services, job_id: int, timeout: float = 180.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = services.jobs.get(job_id)
+        if job.finished_or_stopped:
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {services.jobs.get(job_id).status} after {timeout} s")

@@ -1,0 +1,76 @@
+"""Named form fields for handlers with many inputs: a handler gets one dict instead of a long argument list.
+
+form = Form(prompt=gr.Textbox(), steps=gr.Slider(1, 100))
+button.click(lambda *v: generate(form.values(v)), form.inputs, outputs)
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import gradio as gr
+
+from studio.errors import StudioError
+
+
+class Form:
+    """Components by name; `inputs` keeps their order, `values` turns a handler's arguments back into a dict."""
+
+    def __init__(self, **components: gr.components.Component) -> None:
+        self.components = components
+
+    @property
+    def inputs(self) -> list[gr.components.Component]:
+        return list(self.components.values())
+
+    def values(self, args: Sequence[Any]) -> dict[str, Any]:
+        return dict(zip(self.components, args))
+
+    def __getitem__(self, name: str) -> gr.components.Component:
+        return self.components[name]
+
+
+def handler(services, fn, form: Form | None = None):
+    """A Gradio event function: calls fn(services, form values as a dict) when a form is given, else
+    fn(services, *inputs); any error is shown on the page (with a traceback in the log for unexpected ones)."""
+
+    def run(*args):
+        try:
+            return fn(services, form.values(args)) if form is not None else fn(services, *args)
+        except Exception as exc:
+            if not isinstance(exc, StudioError):
+                traceback.print_exc()
+            raise user_error(exc) from None
+
+    return run
+
+
+def user_error(exc: Exception) -> gr.Error:
+    """A message for the page: a StudioError's own words, anything else with its type (the log has the rest)."""
+    if isinstance(exc, StudioError):
+        return gr.Error(str(exc))
+    return gr.Error(f"{type(exc).__name__}: {exc}")
+
+
+def parse_weights(text: str, count: int) -> list[float]:
+    """'1, 0.8' -> [1.0, 0.8]; missing weights are 1.0."""
+    from studio.errors import ConfigError
+
+    parts = [p.strip() for p in (text or "").replace(";", ",").split(",") if p.strip()]
+    if len(parts) > count:
+        raise ConfigError(f"{len(parts)} weights for {count} LoRA(s): give one weight per selected LoRA")
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"weights {text!r}: write numbers separated by commas, e.g. 1, 0.8") from None
+    return weights + [1.0] * (count - len(weights))
+
+
+def model_choice(workspace, text: str) -> str:
+    """'demo:sd15' / 'demo:sdxl' as they are; any other model path must lie inside the workspace."""
+    text = (text or "").strip()
+    if not text or text.startswith("demo:"):
+        return text or "demo:sd15"
+    return str(workspace.resolve(text))

@@ -1,0 +1,92 @@
+"""Dataset tab: make a training folder in the workspace from uploaded images and a caption (or from the
+demo world), and look through a folder with its captions."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from studio.datasets import dataset_images, import_images
+from studio.demo.evaluate import STYLE, SUBJECT
+from studio.errors import ConfigError
+from ui.forms import handler
+
+DEMO_SETS = {
+    "subject: a red heart (sks)": "subject",
+    f"style: {STYLE}": "style",
+}
+
+
+def add_images(services, name: str, files: list | None, caption: str) -> str:
+    """Import uploaded files into datasets/<name>; unreadable files are skipped and named."""
+    ws = services.workspace
+    name = ws.check_name(name, "dataset name")
+    if not files:
+        raise ConfigError("choose one or more images to add")
+    paths = [f if isinstance(f, str) else f.name for f in files]
+    return import_images(paths, ws.datasets / name, caption).summary()
+
+
+def add_demo_set(services, name: str, which: str, count: int) -> str:
+    """Write demo-world training images (with captions) into datasets/<name>."""
+    from studio.demo.world import WORLD
+    from studio.safetensors_io import atomic_write_text
+
+    ws = services.workspace
+    name = ws.check_name(name, "dataset name")
+    kind = DEMO_SETS.get(which)
+    if kind == "subject":
+        samples = WORLD.dreambooth_set(n=count, shape=SUBJECT["shape"], colour=SUBJECT["colour"])
+    elif kind == "style":
+        samples = WORLD.style_set(STYLE, n=count)
+    else:
+        raise ConfigError(f"unknown demo set {which!r}; choose one of {', '.join(DEMO_SETS)}")
+    folder = ws.datasets / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, sample in enumerate(samples):
+        sample.image.save(folder / f"demo-{i:03d}.png")
+        atomic_write_text(folder / f"demo-{i:03d}.txt", sample.caption + "\n")
+    return f"wrote {len(samples)} images with captions to datasets/{name}"
+
+
+def show(services, name: str) -> list[tuple[str, str]]:
+    """(image path, caption) of each image in a dataset, for the gallery."""
+    if not name:
+        return []
+    folder = services.workspace.resolve(services.workspace.datasets / services.workspace.check_name(name))
+    if not folder.is_dir():
+        raise ConfigError(f"no dataset {name!r} in the workspace")
+    items = []
+    for image in dataset_images(folder):
+        caption = image.with_suffix(".txt")
+        items.append((str(image), caption.read_text().strip() if caption.is_file() else "(no caption)"))
+    return items
+
+
+def build(services) -> None:
+    ws = services.workspace
+    with gr.Tab("Dataset"):
+        with gr.Row():
+            with gr.Column():
+                name = gr.Textbox(label="Dataset name", value="my-dataset")
+                files = gr.File(label="Images", file_count="multiple", file_types=["image"])
+                caption = gr.Textbox(label="Caption for these images", placeholder="a photo of sks dog")
+                add = gr.Button("Add images", variant="primary")
+                with gr.Accordion("Or start from the demo world", open=False):
+                    which = gr.Dropdown(list(DEMO_SETS), value=list(DEMO_SETS)[0], label="Demo set")
+                    count = gr.Slider(4, 32, value=8, step=1, label="Images")
+                    add_demo = gr.Button("Write demo set")
+                status = gr.Markdown(elem_id="dataset-status")
+            with gr.Column():
+                pick = gr.Dropdown(ws.dataset_names(), label="Show dataset", allow_custom_value=True)
+                gallery = gr.Gallery(label="Images and captions", columns=4, height=360)
+
+        def after_add(message: str, dataset: str):
+            return message, gr.Dropdown(choices=ws.dataset_names(), value=dataset)
+
+        add.click(
+            handler(services, add_images), [name, files, caption], status, api_name="add_images"
+        ).success(after_add, [status, name], [status, pick], api_name=False)
+        add_demo.click(
+            handler(services, add_demo_set), [name, which, count], status, api_name="add_demo_set"
+        ).success(after_add, [status, name], [status, pick], api_name=False)
+        pick.change(handler(services, show), pick, gallery, api_name="show_dataset")
