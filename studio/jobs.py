@@ -198,6 +198,18 @@ class JobStore:
             {"seq": r["seq"], "event": r["kind"], "time": r["time"], **json.loads(r["data"])} for r in rows
         ]
 
+    def last_event(self, job_id: int, kind: str) -> dict[str, Any] | None:
+        """A job's newest event of one kind (e.g. its last "step"), or None."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT * FROM events WHERE job_id = ? AND kind = ? ORDER BY seq DESC LIMIT 1", (job_id, kind)
+            ).fetchone()
+        return None if row is None else _event(row)
+
+
+def _event(row: sqlite3.Row) -> dict[str, Any]:
+    return {"seq": row["seq"], "event": row["kind"], "time": row["time"], **json.loads(row["data"])}
+
 
 def _job(row: sqlite3.Row) -> Job:
     return Job(

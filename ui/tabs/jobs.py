@@ -23,10 +23,9 @@ def _progress(services, job) -> str:
     if job.status == "queued":
         return ""
     total = job.config.get("max_steps") or job.config.get("steps")
-    steps = [e for e in services.jobs.events(job.id) if e["event"] == "step"]
-    if not steps:
+    last = services.jobs.last_event(job.id, "step")
+    if last is None:
         return "starting" if job.status == "running" else ""
-    last = steps[-1]
     text = f"{last['step']}/{total}" if total else str(last["step"])
     if isinstance(last.get("loss"), (int, float)):
         text += f", loss {last['loss']:.4g}"
