@@ -18,9 +18,22 @@ def generate(
     client, prompt="a red circle on a blue background", loras=(), weights="", count=1, model="demo:sd15"
 ):
     # inputs in the Generate form's order: prompt, negative, model, loras, weights, mode, steps, cfg, seed,
-    # size, count (the model is left at its default: the built-in demo model)
+    # size, count, B-LoRA content, B-LoRA style (the model is left at its default: the built-in demo model)
     return client.predict(
-        prompt, "", model, list(loras), weights, "merge", 20, 7.5, 0, 0, count, api_name="/generate"
+        prompt,
+        "",
+        model,
+        list(loras),
+        weights,
+        "merge",
+        20,
+        7.5,
+        0,
+        0,
+        count,
+        None,
+        None,
+        api_name="/generate",
     )
 
 
@@ -68,6 +81,23 @@ def test_dataset_keeps_good_images_and_names_the_bad_one(client, studio_app, tmp
     folder = services.workspace.datasets / "uploads"
     assert (folder / "good.png").is_file() and (folder / "good.txt").read_text().strip() == "a sks shape"
     assert not (folder / "broken.png").exists()
+
+
+def test_captions_can_be_edited(client, studio_app):
+    services, _ = studio_app
+    client.predict("captions", "subject: a red heart (sks)", 4, api_name="/add_demo_set")
+    items = client.predict("captions", api_name="/show_dataset")
+    assert len(items) == 4 and items[0]["caption"].startswith("a sks shape on a")
+    assert "saved" in client.predict(
+        "captions", "demo-001.png", "a sks shape, close up", api_name="/set_caption"
+    )
+    assert (
+        services.workspace.datasets / "captions" / "demo-001.txt"
+    ).read_text() == "a sks shape, close up\n"
+    with pytest.raises(Exception, match="no image"):
+        client.predict("captions", "missing.png", "x", api_name="/set_caption")
+    with pytest.raises(Exception, match="letters"):
+        client.predict("captions", "../../x.png", "x", api_name="/set_caption")
 
 
 def test_paths_outside_the_workspace_are_refused(client):

@@ -3,9 +3,11 @@ demo world), and look through a folder with its captions."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
-from studio.datasets import dataset_images, import_images
+from studio.datasets import dataset_images, import_images, write_caption
 from studio.demo.evaluate import STYLE, SUBJECT
 from studio.errors import ConfigError
 from ui.forms import handler
@@ -48,6 +50,18 @@ def add_demo_set(services, name: str, which: str, count: int) -> str:
     return f"wrote {len(samples)} images with captions to datasets/{name}"
 
 
+def set_caption(services, name: str, image: str, caption: str) -> str:
+    """Write the caption of one image of a dataset."""
+    ws = services.workspace
+    if not image:
+        raise ConfigError("pick an image in the gallery first")
+    path = ws.resolve(ws.datasets / ws.check_name(name, "dataset") / ws.check_name(image, "image"))
+    if not path.is_file():
+        raise ConfigError(f"no image {image!r} in dataset {name!r}")
+    write_caption(path, caption)
+    return f"caption of {image} saved"
+
+
 def show(services, name: str) -> list[tuple[str, str]]:
     """(image path, caption) of each image in a dataset, for the gallery."""
     if not name:
@@ -79,6 +93,10 @@ def build(services) -> None:
             with gr.Column():
                 pick = gr.Dropdown(ws.dataset_names(), label="Show dataset", allow_custom_value=True)
                 gallery = gr.Gallery(label="Images and captions", columns=4, height=360)
+                with gr.Row():
+                    picked = gr.Textbox(label="Image", interactive=False, scale=1)
+                    picked_caption = gr.Textbox(label="Its caption", scale=3)
+                save_caption = gr.Button("Save caption", size="sm")
 
         def after_add(message: str, dataset: str):
             return message, gr.Dropdown(choices=ws.dataset_names(), value=dataset)
@@ -90,3 +108,12 @@ def build(services) -> None:
             handler(services, add_demo_set), [name, which, count], status, api_name="add_demo_set"
         ).success(after_add, [status, name], [status, pick], api_name=False)
         pick.change(handler(services, show), pick, gallery, api_name="show_dataset")
+
+        def on_select(event: gr.SelectData):
+            image, caption = event.value["image"]["path"], event.value.get("caption") or ""
+            return Path(image).name, "" if caption == "(no caption)" else caption
+
+        gallery.select(on_select, None, [picked, picked_caption], api_name=False)
+        save_caption.click(
+            handler(services, set_caption), [pick, picked, picked_caption], status, api_name="set_caption"
+        ).success(handler(services, show), pick, gallery, api_name=False)

@@ -36,6 +36,8 @@ def generate(services, values: dict) -> tuple[list, str]:
             "height": size,
             "batch_count": int(values["count"]),
             "out": ws.outputs,
+            "b_lora_content": _b_lora(ws, values.get("b_lora_content")),
+            "b_lora_style": _b_lora(ws, values.get("b_lora_style")),
         },
     )
     started = time.time()
@@ -44,6 +46,10 @@ def generate(services, values: dict) -> tuple[list, str]:
     names = ", ".join(r.path.name for r in results if r.path)
     info = f"{len(results)} image(s) in {time.time() - started:.1f} s, seeds {results[0].seed}..{results[-1].seed}"
     return [r.image for r in results], f"{info}; saved in outputs/: {names}"
+
+
+def _b_lora(ws, path: str | None) -> str | None:
+    return str(ws.resolve(path)) if path else None
 
 
 def build(services) -> None:
@@ -63,6 +69,12 @@ def build(services) -> None:
                     )
                     weights = gr.Textbox(label="LoRA weights", placeholder="1, 0.8 (default 1)", scale=1)
                 mode = gr.Radio(MODES, value="merge", label="Multi-LoRA mode")
+                with gr.Accordion("B-LoRA (SDXL): content of one, style of another", open=False):
+                    with gr.Row():
+                        b_content = gr.Dropdown(
+                            ws.lora_files(), allow_custom_value=True, label="Content from"
+                        )
+                        b_style = gr.Dropdown(ws.lora_files(), allow_custom_value=True, label="Style from")
                 with gr.Accordion("Settings", open=False):
                     with gr.Row():
                         steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
@@ -79,10 +91,12 @@ def build(services) -> None:
                 info = gr.Markdown(elem_id="generate-info")
         form = Form(
             prompt=prompt, negative_prompt=negative, model=model, loras=loras, weights=weights, mode=mode,
-            steps=steps, cfg=cfg, seed=seed, size=size, count=count,
+            steps=steps, cfg=cfg, seed=seed, size=size, count=count, b_lora_content=b_content,
+            b_lora_style=b_style,
         )  # fmt: skip
 
         run.click(handler(services, generate, form), form.inputs, [gallery, info], api_name="generate")
         refresh.click(
-            lambda: gr.Dropdown(choices=ws.lora_files()), None, form["loras"], api_name="generate_loras"
-        )
+            lambda: [gr.Dropdown(choices=ws.lora_files())] * 3, None, [loras, b_content, b_style],
+            api_name="generate_loras",
+        )  # fmt: skip

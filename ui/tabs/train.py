@@ -54,6 +54,10 @@ def submit_training(services, values: dict) -> str:
             "class_prompt": values["class_prompt"],
             "class_data_dir": str(ws.runs / name / "class_images"),
         }
+    if values["method"] == "b_lora":
+        options["split"] = (
+            True  # also write the content and style halves, for the Generate tab's B-LoRA mixing
+        )
     options |= _more_options(values.get("more", ""))
     cfg = build_config(TrainConfig, options)
     job_id = services.jobs.submit("train", config_to_dict(cfg), name)
@@ -100,6 +104,10 @@ def build(services) -> None:
                     submit = gr.Button("Queue training", variant="primary")
                 status = gr.Markdown(elem_id="train-status")
 
+        form["method"].change(  # B-LoRA is an SDXL method: offer the SDXL demo model when it is picked
+            lambda method, model: "demo:sdxl" if method == "b_lora" and model == "demo:sd15" else model,
+            [form["method"], form["model"]], form["model"], api_name=False,
+        )  # fmt: skip
         submit.click(handler(services, submit_training, form), form.inputs, status, api_name="train")
         refresh.click(
             lambda: gr.Dropdown(choices=ws.dataset_names()), None, form["dataset"], api_name="datasets"
