@@ -66,13 +66,18 @@ def import_images(
         target = dest / f"{path.stem}.png"
         if target.exists() and not overwrite:
             target = _free_name(dest, path.stem)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        atomic_write_bytes(target, buffer.getvalue())
-        if caption.strip():
-            atomic_write_text(target.with_suffix(".txt"), caption.strip() + "\n")
+        add_image(image, target, caption)
         report.added.append(target.name)
     return report
+
+
+def add_image(image: Image.Image, path: Path, caption: str = "") -> None:
+    """Write one image as PNG at `path`, and its caption next to it when given (both atomically)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+    if caption.strip():
+        write_caption(path, caption)
 
 
 def dataset_images(folder: Path) -> list[Path]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.datasets import dataset_images, import_images, write_caption
+from studio.datasets import add_image, dataset_images, import_images, write_caption
 from studio.demo.evaluate import STYLE, SUBJECT
 from studio.errors import ConfigError
 from ui.forms import handler
@@ -31,7 +31,6 @@ def add_images(services, name: str, files: list | None, caption: str) -> str:
 def add_demo_set(services, name: str, which: str, count: int) -> str:
     """Write demo-world training images (with captions) into datasets/<name>."""
     from studio.demo.world import WORLD
-    from studio.safetensors_io import atomic_write_text
 
     ws = services.workspace
     name = ws.check_name(name, "dataset name")
@@ -45,8 +44,7 @@ def add_demo_set(services, name: str, which: str, count: int) -> str:
     folder = ws.datasets / name
     folder.mkdir(parents=True, exist_ok=True)
     for i, sample in enumerate(samples):
-        sample.image.save(folder / f"demo-{i:03d}.png")
-        atomic_write_text(folder / f"demo-{i:03d}.txt", sample.caption + "\n")
+        add_image(sample.image, folder / f"demo-{i:03d}.png", sample.caption)
     return f"wrote {len(samples)} images with captions to datasets/{name}"
 
 

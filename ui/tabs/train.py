@@ -80,29 +80,40 @@ def build(services) -> None:
     with gr.Tab("Train"):
         with gr.Row():
             with gr.Column():
-                form = Form(
-                    method=gr.Dropdown(METHODS, value="dreambooth", label="Method"),
-                    preset=gr.Dropdown(train_presets(), value="", label="Preset (optional)"),
-                    model=gr.Dropdown(MODELS, value="demo:sd15", allow_custom_value=True, label="Base model"),
-                    dataset=gr.Dropdown(ws.dataset_names(), label="Dataset", allow_custom_value=True),
-                    name=gr.Textbox(label="LoRA name", value="my-lora"),
-                    prompt=gr.Textbox(label="Instance prompt / trigger (for images without a caption)",
-                                      value="a sks shape"),
-                    steps=gr.Number(value=300, precision=0, label="Steps"),
-                    rank=gr.Number(value=8, precision=0, label="Rank"),
-                    learning_rate=gr.Number(value=1e-3, label="Learning rate"),
-                    batch_size=gr.Number(value=4, precision=0, label="Batch size"),
-                    resolution=gr.Number(value=64, precision=0,
-                                         label="Resolution (64 for the demo models, 512 SD1.5, 1024 SDXL)"),
-                    prior_preservation=gr.Checkbox(label="Prior preservation (DreamBooth)"),
-                    class_prompt=gr.Textbox(label="Class prompt", value="a shape on a blue background"),
-                    more=gr.Code(label="More options (TOML, any training option)", language=None,
-                                 value="# e.g.\n# conv_rank = 8\n# up_lr_weight = \"cosine+0.2\"\n"),
-                )  # fmt: skip
                 with gr.Row():
-                    refresh = gr.Button("Refresh datasets", size="sm")
-                    submit = gr.Button("Queue training", variant="primary")
-                status = gr.Markdown(elem_id="train-status")
+                    method = gr.Dropdown(METHODS, value="dreambooth", label="Method")
+                    preset = gr.Dropdown(train_presets(), value="", label="Preset (optional)")
+                with gr.Row():
+                    model = gr.Dropdown(
+                        MODELS, value="demo:sd15", allow_custom_value=True, label="Base model"
+                    )
+                    dataset = gr.Dropdown(ws.dataset_names(), label="Dataset", allow_custom_value=True)
+                name = gr.Textbox(label="LoRA name", value="my-lora")
+                prompt = gr.Textbox(label="Instance prompt / trigger (for images without a caption)",
+                                    value="a sks shape")  # fmt: skip
+                with gr.Row():
+                    prior = gr.Checkbox(label="Prior preservation (DreamBooth)")
+                    class_prompt = gr.Textbox(label="Class prompt", value="a shape on a blue background")
+            with gr.Column():
+                with gr.Row():
+                    steps = gr.Number(value=300, precision=0, label="Steps")
+                    rank = gr.Number(value=8, precision=0, label="Rank")
+                    learning_rate = gr.Number(value=1e-3, label="Learning rate")
+                with gr.Row():
+                    batch_size = gr.Number(value=4, precision=0, label="Batch size")
+                    resolution = gr.Number(value=64, precision=0, label="Resolution",
+                                           info="64 for the demo models, 512 SD1.5, 1024 SDXL")  # fmt: skip
+                more = gr.Code(label="More options (TOML, any training option)", language=None,
+                               value='# e.g.\n# conv_rank = 8\n# up_lr_weight = "cosine+0.2"\n')  # fmt: skip
+        with gr.Row():
+            refresh = gr.Button("Refresh datasets", size="sm")
+            submit = gr.Button("Queue training", variant="primary")
+        status = gr.Markdown(elem_id="train-status")
+        form = Form(
+            method=method, preset=preset, model=model, dataset=dataset, name=name, prompt=prompt, steps=steps,
+            rank=rank, learning_rate=learning_rate, batch_size=batch_size, resolution=resolution,
+            prior_preservation=prior, class_prompt=class_prompt, more=more,
+        )  # fmt: skip
 
         form["method"].change(  # B-LoRA is an SDXL method: offer the SDXL demo model when it is picked
             lambda method, model: "demo:sdxl" if method == "b_lora" and model == "demo:sd15" else model,
