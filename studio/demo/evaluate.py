@@ -7,7 +7,7 @@ images for prompts drawn from held-out seeds, and lets the judges say what the i
 - dreambooth: "a sks shape on a <bg> background" before and after training on a held-out subject (a red
   heart), with and without prior preservation; "kept" = the background still follows the prompt, and plain
   world prompts still work with the LoRA loaded;
-- style: a held-out style (striped) learnt from a few images; content (shape, colour, background) kept;
+- style: a held-out style (framed) learnt from 32 images; content (shape, colour, background) kept;
 - merge: subject LoRA + style LoRA merged by exact sum (concat), SVD, ZipLoRA and fast ZipLoRA; both the
   subject and the style must be in the same image;
 - orthogonal: two subjects trained with orthogonal adaptation, each alone and after summing, against two
@@ -39,7 +39,9 @@ from studio.demo.world import BACKGROUNDS, WORLD, Sample
 
 SUBJECT = {"shape": "heart", "colour": "red", "token": "sks"}
 SUBJECT_2 = {"shape": "moon", "colour": "yellow", "token": "zwx"}
-STYLE = "striped"
+# A held-out style LoRAs can learn here; the striped / dotted / pixel textures stay out of their reach at 8x8
+# latents (measured: bench/results/eval_sd15.md notes).
+STYLE = "framed"
 
 
 @dataclass
@@ -54,7 +56,9 @@ class EvalPlan:
     lora_steps: int = 300
     lora_rank: int = 8
     lora_lr: float = 1e-3
-    train_images: int = 8
+    train_images: int = 8  # DreamBooth instance images
+    style_images: int = 32  # style LoRAs need more images than a subject to carry the style to new prompts
+    style_steps: int = 600
     batch_size: int = 4
     class_images: int = 16
     steps: int = 20  # denoising steps per image
@@ -87,7 +91,7 @@ def _backgrounds(plan: EvalPlan, avoid: Sequence[str]) -> list[str]:
 
 
 def subject_prompts(plan: EvalPlan, subject: dict, style: str | None = None) -> tuple[list[str], list[str]]:
-    """(prompts, backgrounds): "a sks shape on a blue background[, striped style]"."""
+    """(prompts, backgrounds): "a sks shape on a blue background[, framed style]"."""
     backgrounds = _backgrounds(plan, (subject["colour"],))
     suffix = f", {style} style" if style else ""
     prompts = [f"a {subject['token']} shape on a {bg} background{suffix}" for bg in backgrounds]
@@ -204,7 +208,7 @@ class Evaluator:
         } | options
         started = time.time()
         result = train(build_config(TrainConfig, values))
-        self.log(f"  trained {name} ({method}, {p.lora_steps} steps) in {time.time() - started:.0f} s")
+        self.log(f"  trained {name} ({method}, {values['max_steps']} steps) in {time.time() - started:.0f} s")
         self.loras[name] = result.path
         return result.path
 
@@ -240,8 +244,8 @@ class Evaluator:
         return self.train(name, method, data, **options)
 
     def style_lora(self) -> Path:
-        data = self.write_set(f"style_{STYLE}", WORLD.style_set(STYLE, n=self.plan.train_images))
-        return self.train(f"style_{STYLE}", "style", data)
+        data = self.write_set(f"style_{STYLE}", WORLD.style_set(STYLE, n=self.plan.style_images))
+        return self.train(f"style_{STYLE}", "style", data, max_steps=self.plan.style_steps)
 
     # ---------------------------------------------------------------- measurements
     def subject_row(
@@ -437,7 +441,7 @@ def write_report(plan: EvalPlan, rows: Sequence[Row], seconds: float, command: s
         f"Command: `{command}`  \nSeeds: prompts and noise from seed {plan.seed} on; LoRAs trained with seed 0.  \n"
         f"{plan.images} images per line, {plan.steps} denoising steps, CFG {plan.guidance}; LoRAs rank "
         f"{plan.lora_rank}, {plan.lora_steps} steps, batch {plan.batch_size}, lr {plan.lora_lr}, "
-        f"{plan.train_images} training images. Took {seconds / 60:.1f} min.\n\n"
+        f"{plan.train_images} training images (style: {plan.style_images} images, {plan.style_steps} steps). Took {seconds / 60:.1f} min.\n\n"
         "Numbers are shares of generated images the judges read as asked: subject = the held-out shape "
         f"({SUBJECT['shape']} for {SUBJECT['token']}, {SUBJECT_2['shape']} for {SUBJECT_2['token']}), style = "
         f"{STYLE}, both = subject and style in the same image, shape/colour/background = as the prompt says.\n\n"

@@ -46,7 +46,7 @@ COLOURS: tuple[str, ...] = tuple(COLOUR_RGB)
 BACKGROUNDS: tuple[str, ...] = COLOURS  # plain backgrounds use the same palette (never the shape's colour)
 
 BASE_STYLES: tuple[str, ...] = ("flat", "outlined", "shadowed")
-HOLDOUT_STYLES: tuple[str, ...] = ("striped", "dotted", "pixel")
+HOLDOUT_STYLES: tuple[str, ...] = ("striped", "dotted", "pixel", "framed")
 STYLES: tuple[str, ...] = BASE_STYLES + HOLDOUT_STYLES
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -194,6 +194,9 @@ class World:
             offset = 3.0 * unit
             shadow = [(x + offset, y + offset) for x, y in points]
             draw.polygon(shadow, fill=_mix(bg, (0, 0, 0), 0.55))
+        if spec.style == "framed":  # a border round the whole picture, in the shape's colour
+            width = round(5 * unit)
+            draw.rectangle([0, 0, big - 1, big - 1], outline=fg, width=width)
         if spec.style == "outlined":
             draw.polygon(points, outline=fg, width=round(3.5 * unit))
         elif spec.style in ("striped", "dotted"):

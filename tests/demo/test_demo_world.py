@@ -29,6 +29,13 @@ def test_images_are_64px_rgb_and_use_the_named_colours():
     assert tuple(arr[32, 32]) == w.COLOUR_RGB["red"]  # centre: the shape
 
 
+def test_framed_draws_a_border_in_the_shape_colour():
+    arr = pixels(WORLD.render(Spec("circle", "red", "blue", "framed", size=0.25)))
+    assert tuple(arr[1, 32]) == tuple(arr[32, 1]) == w.COLOUR_RGB["red"]  # the frame
+    assert tuple(arr[8, 8]) == w.COLOUR_RGB["blue"]  # inside the frame: background
+    assert tuple(arr[32, 32]) == w.COLOUR_RGB["red"]  # the shape
+
+
 @pytest.mark.parametrize(
     "split, shapes, styles",
     [
