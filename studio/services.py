@@ -35,9 +35,13 @@ class Services:
             self._generation = GenerationService()
         return self._generation
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 120.0) -> None:
+        """Stop the job runner and let a running generation finish (a process that exits while torch works
+        in another thread can abort instead of exiting)."""
         if self.runner is not None:
             self.runner.stop()
+        if self.generate_lock.acquire(timeout=wait_s):
+            self.generate_lock.release()
 
 
 def build_services(root: str | Path, run_jobs: bool = True) -> Services:
