@@ -195,9 +195,13 @@ def _emit(progress: Progress | None, **event) -> None:
 def _load_model(
     path: str, family: Family, config: MergeConfig, device: str | None = None, dtype: str | None = None
 ):
+    from studio.demo.paths import resolve_model
     from studio.models import load_base
 
     device = device or (None if config.device == "auto" else config.device)
+    path = str(
+        resolve_model(path)[0]
+    )  # "demo:sd15" / "demo:sdxl" name the built-in models, as in train/generate
     return load_base(path, family=family, device=device, dtype=dtype, allow_pickle=config.allow_pickle).pipe
 
 

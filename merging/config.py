@@ -101,7 +101,10 @@ class MergeConfig:
     overwrite: bool = _f(False, "replace existing output files")
     allow_pickle: bool = _f(False, "also read pickle LoRA / model files (.pt/.ckpt/.bin): they can run code")
     family: Literal["sd15", "sdxl"] | None = _f(None, "sd15 or sdxl, for files that do not say")
-    model: str = _f("", "base model (diffusers folder or single file): needed by ziplora and --into-base")
+    model: str = _f(
+        "",
+        "base model (diffusers folder, single file, or demo:sd15 / demo:sdxl): needed by ziplora and --into-base",
+    )
     into_base: str = _f("", "also add the merged LoRA into the base model and save it as this single file")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N: where ziplora and the dense methods (ties...) run")
     # --- low-rank result ------------------------------------------------------------------------

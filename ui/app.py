@@ -1,13 +1,11 @@
 """The studio's page: Generate, Dataset, Train, Merge and Jobs tabs over one workspace.
 
-    python -m ui.app --workspace studio-work          # or: lora-studio ui
+    lora-studio ui --workspace studio-work            # or: python -m ui.app --workspace studio-work
 
 Tests import `build_app` and drive it with gradio_client and a headless browser.
 """
 
 from __future__ import annotations
-
-import argparse
 
 import gradio as gr
 
@@ -49,18 +47,9 @@ def launch(
         services.close()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ui.app", description="Start the LoRA Studio page.")
-    parser.add_argument(
-        "--workspace", default="studio-workspace", help="folder for datasets, LoRAs, images, jobs"
-    )
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: this machine only)"
-    )
-    parser.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
-    args = parser.parse_args(argv)
-    launch(args.workspace, args.host, args.port)
+if __name__ == "__main__":  # the same as `lora-studio ui`
+    import sys
 
+    from studio.cli import main
 
-if __name__ == "__main__":
-    main()
+    sys.exit(main(["ui", *sys.argv[1:]]))

@@ -39,20 +39,11 @@ def submit_merge(services, values: dict) -> str:
     if int(values.get("rank") or 0) > 0:
         options["rank"] = int(values["rank"])
     if values["method"].startswith("ziplora"):
-        options["model"] = _model_path(model_choice(ws, values["model"]))
+        options["model"] = model_choice(ws, values["model"])
     cfg = build_config(MergeConfig, options)
     cfg.check_complete()
     job_id = services.jobs.submit("merge", config_to_dict(cfg), name)
     return f"queued job {job_id}: {cfg.method} merge of {len(sources)} LoRAs into loras/{name}.safetensors"
-
-
-def _model_path(choice: str) -> str:
-    """Merges take a model path; the built-in demo models are named by their folder."""
-    if choice.startswith("demo:"):
-        from studio.demo.paths import resolve_model
-
-        return str(resolve_model(choice)[0])
-    return choice
 
 
 def build(services) -> None:
