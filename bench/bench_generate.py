@@ -10,10 +10,10 @@ and the cost of a weight change between images (set_scale on the pre-collected p
 diffusers' `set_adapters` on the same adapters. The LoRA files are read and injected before any timing;
 each timing is the median of --repeats runs taken round robin over the cases (a shared machine's load
 spreads over all of them); the switch from one case's stack to the next (unfusing, fusing) is done
-untimed with Generator.prepare, so each figure is the steady cost of an image.
+untimed with GenerationEngine.prepare, so each figure is the steady cost of an image.
 
-Models: "tiny" (studio.tiny, 64 px) and "sd15": the real SD1.5 architecture (UNet, CLIP-L, VAE from
-studio/configs/sd15) with random weights, at a reduced resolution (--size). Random LoRAs of --rank on
+Models: "tiny" (tests.fixtures.tiny, 64 px) and "sd15": the real SD1.5 architecture (UNet, CLIP-L, VAE from
+studio/core/configs/sd15) with random weights, at a reduced resolution (--size). Random LoRAs of --rank on
 kohya's default targets (attention + text encoder).
 
     python bench/bench_generate.py                         # both models, writes bench/results/generate_cpu.md
@@ -34,11 +34,12 @@ from pathlib import Path
 
 import torch
 
-from studio.generate import GenerateConfig, Generator, LoraSpec
-from studio.lora_files import write_lora
-from studio.lora_random import random_lora
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the tiny models and random LoRAs of tests/fixtures
+
+from studio.core.lora_files import write_lora  # noqa: E402
+from studio.generation import GenerateConfig, GenerationEngine, LoraSpec  # noqa: E402
+from tests.fixtures.lora_random import random_lora  # noqa: E402
 
 
 def real_sd15_pipeline():
@@ -46,8 +47,8 @@ def real_sd15_pipeline():
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from studio.models import CONFIGS
-    from studio.tokenizers import clip_tokenizer
+    from studio.core.models import CONFIGS
+    from studio.core.tokenizers import clip_tokenizer
 
     torch.manual_seed(0)
     folder = CONFIGS / "sd15"
@@ -66,7 +67,7 @@ def real_sd15_pipeline():
 
 
 def tiny_pipeline():
-    from studio.tiny import tiny_sd15_pipeline
+    from tests.fixtures.tiny import tiny_sd15_pipeline
 
     return tiny_sd15_pipeline(seed=0)
 
@@ -78,7 +79,7 @@ def make_loras(pipe, n: int, rank: int, folder: Path) -> list[Path]:
     ]
 
 
-def timed(gen: Generator, cfg: GenerateConfig) -> tuple[float, float]:
+def timed(gen: GenerationEngine, cfg: GenerateConfig) -> tuple[float, float]:
     """(CPU seconds, wall seconds) of one image. CPU time of this process is the main figure: with one
     torch thread it is what the image costs, whatever other jobs on a shared machine take from it."""
     gen.prepare(cfg)  # untimed: leaving the previous case's state (e.g. unfusing it), fusing this one
@@ -108,7 +109,9 @@ def cases(files: list[Path]) -> list[tuple[str, dict]]:
     return out
 
 
-def weight_change_ms(gen: Generator, files: list[Path], repeats: int = 50) -> tuple[float, float | None]:
+def weight_change_ms(
+    gen: GenerationEngine, files: list[Path], repeats: int = 50
+) -> tuple[float, float | None]:
     """(our weight change, diffusers set_adapters on the same adapters), milliseconds, 2 LoRAs."""
     adapters = [gen.pool.load(f) for f in files[:2]]
     ours = []
@@ -133,7 +136,7 @@ def run_model(pipe, size: int, steps: int, repeats: int, rank: int, folder: Path
     """Time every case; repeats go round robin over the cases so that load from other jobs on a shared
     machine spreads over all of them instead of landing on one."""
     files = make_loras(pipe, 4, rank, folder)
-    gen = Generator(pipe, "sd15")
+    gen = GenerationEngine(pipe, "sd15")
     base = {
         "prompt": "a photo of a fox in the snow",
         "steps": steps,
@@ -172,7 +175,7 @@ def run_model(pipe, size: int, steps: int, repeats: int, rank: int, folder: Path
     }
 
 
-def fuse_ms(gen: Generator, files: list[Path]) -> float:
+def fuse_ms(gen: GenerationEngine, files: list[Path]) -> float:
     """Milliseconds to fuse a 1-LoRA stack into the weights and unfuse it again."""
     adapter = gen.pool.load(files[0])
     gen.pool.activate([(adapter, 0.8, None)])
@@ -295,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 parser.error(f"unknown model {name!r}")
     lines = ["# Generation speed: generate_cpu", "", f"Machine: {machine()}", ""]
-    titles = {"tiny": "tiny SD1.5-shaped model (studio.tiny)", "sd15": "SD1.5 architecture, random weights"}
+    titles = {
+        "tiny": "tiny SD1.5-shaped model (tests.fixtures.tiny)",
+        "sd15": "SD1.5 architecture, random weights",
+    }
     for name, result in results.items():
         lines += table(titles[name], result)
     lines.append(NOTES)

@@ -2,10 +2,10 @@
 the reference implementation's algorithm.
 
 Part "methods": two random LoRAs (rank 32 and 16, fp16, kohya's default targets with the text encoders) shaped
-from the real SD1.5 / SDXL configs (studio/configs, built on the meta device: no weights). Each method runs in
+from the real SD1.5 / SDXL configs (studio/core/configs, built on the meta device: no weights). Each method runs in
 a fresh subprocess: wall time of each phase (read, merge, report, write) and the process's peak RSS.
 
-Part "ziplora": on the tiny SDXL pipeline (studio.tiny), two random LoRAs on every attention projection
+Part "ziplora": on the tiny SDXL pipeline (tests.fixtures.tiny), two random LoRAs on every attention projection
 (to_q/k/v/out.0, what the reference handles), one reference image each. Compared at the same steps, resolution
 and data:
 - ours: merging.ziplora (low-rank merged layers, all sources batched in one UNet call per pass);
@@ -67,8 +67,8 @@ def meta_pipe(family: str):
 
 
 def make_sources(family: str, folder: Path) -> list[Path]:
-    from studio.lora_files import write_lora
-    from studio.lora_random import random_lora
+    from studio.core.lora_files import write_lora
+    from tests.fixtures.lora_random import random_lora
 
     pipe = meta_pipe(family)
     paths = []
@@ -90,12 +90,12 @@ def child(method: str, sources: list[str], rank: int, out: str) -> dict:
     from merging.output import write_merge
     from merging.report import build_report
     from merging.sources import layouts, load_sources, lora_from_factors
-    from studio.config import build_config
+    from studio.core.options import build_config
 
     cfg = build_config(MergeConfig, sources=sources, method=method, rank=rank, out=out)
     timings = {}
     start = time.perf_counter()
-    srcs, family = load_sources(cfg.source_specs())
+    srcs, family = load_sources(cfg.source_refs())
     timings["read"] = time.perf_counter() - start
     before = rss_mb()
     start = time.perf_counter()
@@ -224,7 +224,7 @@ def zip_pipe(size: str):
     """The tiny SDXL pipeline, or ("small") the same with 4x wider UNet blocks, run at 128 px."""
     from diffusers import UNet2DConditionModel
 
-    from studio.tiny import TINY_SDXL_UNET, tiny_sdxl_pipeline
+    from tests.fixtures.tiny import TINY_SDXL_UNET, tiny_sdxl_pipeline
 
     pipe = tiny_sdxl_pipeline(seed=0)
     if size == "small":
@@ -238,12 +238,13 @@ def zip_pipe(size: str):
 def zip_setup(work: Path, steps: int, size: str = "tiny", seed: int = 0):
     """Two LoRAs on every attention projection of an SDXL-shaped model; one generated reference image each."""
     from merging import MergeConfig
-    from merging.config import parse_source
     from merging.sources import load_sources
     from merging.ziplora_layer import ZipLoraModel
-    from studio.config import build_config
-    from studio.lora_files import model_module_shapes, write_lora
-    from studio.lora_random import random_lora
+    from studio.core.lora_files import write_lora
+    from studio.core.lora_ref import parse_lora_ref
+    from studio.core.modules import model_module_shapes
+    from studio.core.options import build_config
+    from tests.fixtures.lora_random import random_lora
 
     pipe, side = zip_pipe(size)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
@@ -259,7 +260,7 @@ def zip_setup(work: Path, steps: int, size: str = "tiny", seed: int = 0):
         )
         for s in (1, 2)
     ]
-    sources, _ = load_sources([parse_source(str(p)) for p in paths])
+    sources, _ = load_sources([parse_lora_ref(str(p)) for p in paths])
     prompts = ["a photo of sks dog", "a painting in zwx style"]
     folders = []
     model = ZipLoraModel(pipe, {f"s{i}": s.factors() for i, s in enumerate(sources)})
@@ -286,9 +287,9 @@ def zip_setup(work: Path, steps: int, size: str = "tiny", seed: int = 0):
 
 def part_ziplora(work: Path, steps: int, eval_every: int, size: str) -> dict:
     from merging.ziplora import evaluate, fit_whole_model, prepare
-    from merging.ziplora_data import image_files
     from merging.ziplora_fast import fit_layerwise
     from merging.ziplora_layer import ZipLoraModel
+    from studio.core.images import image_files
 
     pipe, sources, cfg = zip_setup(work, steps, size)
     model = ZipLoraModel(pipe, {f"s{i}": s.factors() for i, s in enumerate(sources)})

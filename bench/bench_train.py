@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # A small model with SD1.5's / SDXL's block structure: real layer types and block layout, fewer channels,
-# so a CPU finishes a step in about a second. "--size tiny" uses studio.tiny (64 px).
+# so a CPU finishes a step in about a second. "--size tiny" uses tests.fixtures.tiny (64 px).
 SMALL = {
     "sd15": {"block_out_channels": (64, 128, 256, 256), "attention_head_dim": 8, "cross_attention_dim": 256,
              "text_hidden": 256, "text_layers": 4},
@@ -51,7 +51,7 @@ LAUNCHER = textwrap.dedent(
     kind, argv = sys.argv[2], sys.argv[3:]
     start = time.perf_counter()
     if kind == "ours":
-        from studio.cli import main
+        from studio.app.cli import main
         code = main(argv)
     else:
         sys.argv = [argv[0]] + argv[1:]

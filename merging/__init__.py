@@ -1,6 +1,6 @@
 """The merge workspace: one entry point, run_merge(config), for `lora-studio merge` and the UI's merge tab.
 
-    >>> from studio.config import build_config
+    >>> from studio.core.options import build_config
     >>> cfg = build_config(MergeConfig, sources=["a.safetensors:0.7", "b.safetensors:0.5"], method="svd",
     ...                    rank=32, out="merged.safetensors")  # doctest: +SKIP
     >>> result = run_merge(cfg)  # doctest: +SKIP
@@ -19,18 +19,18 @@ from pathlib import Path
 
 import torch
 
-from merging.config import DENSE_METHODS, ZIPLORA_METHODS, MergeConfig, SourceSpec, parse_source
+from merging.config import DENSE_METHODS, ZIPLORA_METHODS, MergeConfig
 from merging.linear import concat_merge, default_rank, svd_merge
 from merging.output import read_mergers, write_merge
 from merging.report import MergeReport, build_report
 from merging.sources import Factors, MergeSource, layouts, load_sources, lora_from_factors
-from studio.blocks import FAMILY_NAMES, Family
-from studio.errors import FamilyMismatchError, StudioError
-from studio.lora_files import LoraSet, model_module_shapes
+from studio.core.errors import FamilyMismatchError, StudioError
+from studio.core.families import FAMILY_NAMES, Family
+from studio.core.lora_files import LoraSet
+from studio.core.modules import model_module_shapes
 
 __all__ = [
-    "MergeConfig", "MergeResult", "Merged", "SourceSpec",
-    "merge_factors", "parse_source", "read_mergers", "run_merge",
+    "MergeConfig", "MergeResult", "Merged", "merge_factors", "read_mergers", "run_merge",
 ]  # fmt: skip
 
 Progress = Callable[[dict], None]
@@ -64,10 +64,10 @@ def run_merge(config: MergeConfig, *, pipe=None, progress: Progress | None = Non
               it cancels the merge (nothing is written, the pipeline is put back as it was).
     """
     # 1. check the options, and that no file would be overwritten, before any work
-    config.check_complete()
+    config.check()
     _check_outputs(config)
     # 2. read the sources: one family, matching layer shapes, block weights parsed
-    sources, family = load_sources(config.source_specs(), config.family, allow_pickle=config.allow_pickle)
+    sources, family = load_sources(config.source_refs(), config.family, allow_pickle=config.allow_pickle)
     # 3. the base model when the method or --into-base needs it
     loaded_here = pipe is None and bool(config.model)
     if loaded_here:
@@ -195,8 +195,8 @@ def _emit(progress: Progress | None, **event) -> None:
 def _load_model(
     path: str, family: Family, config: MergeConfig, device: str | None = None, dtype: str | None = None
 ):
-    from studio.demo.paths import resolve_model
-    from studio.models import load_base
+    from studio.core.model_paths import resolve_model
+    from studio.core.models import load_base
 
     device = device or (None if config.device == "auto" else config.device)
     path = str(
@@ -206,7 +206,7 @@ def _load_model(
 
 
 def _check_pipe_family(pipe, family: Family) -> None:
-    from studio.models import pipe_family
+    from studio.core.checkpoints import pipe_family
 
     found = pipe_family(pipe)
     if found != family:
@@ -218,7 +218,7 @@ def _check_pipe_family(pipe, family: Family) -> None:
 
 def _dense_device(name: str) -> torch.device:
     """Where TIES/DARE do their dense arithmetic: the GPU when there is one (or as asked)."""
-    from studio.models import pick_device_dtype
+    from studio.core.devices import pick_device_dtype
 
     device, _ = pick_device_dtype(None if name == "auto" else name)
     return device if device.type == "cuda" else torch.device("cpu")

@@ -1,9 +1,9 @@
 """MergeConfig: every option of a merge, with its help text, loadable from presets/merge_*.toml.
 
-    >>> from studio.config import build_config
+    >>> from studio.core.options import build_config
     >>> cfg = build_config(MergeConfig, sources=["a.safetensors:0.7", "b.safetensors:0.5:OUTALL"],
     ...                    method="svd", rank=32, out="merged.safetensors")
-    >>> [(s.path.name, s.weight, s.blocks) for s in cfg.source_specs()]
+    >>> [(s.path.name, s.weight, s.blocks) for s in cfg.source_refs()]
     [('a.safetensors', 0.7, None), ('b.safetensors', 0.5, 'OUTALL')]
 
 Methods:
@@ -20,11 +20,12 @@ Methods:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal, NamedTuple
+from dataclasses import dataclass
+from typing import Literal
 
-from studio.errors import ConfigError
+from studio.core.errors import ConfigError
+from studio.core.lora_ref import LoraRef, parse_lora_ref
+from studio.core.options import check_fields, option
 
 Method = Literal[
     "concat", "svd", "ties", "dare", "dare-ties", "magnitude", "ziplora", "ziplora-fast", "orthogonal"
@@ -34,150 +35,110 @@ METHODS: tuple[str, ...] = (
 )  # fmt: skip
 DENSE_METHODS = ("ties", "dare", "dare-ties", "magnitude")
 ZIPLORA_METHODS = ("ziplora", "ziplora-fast")
-LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-
-def _f(default, help_text: str):
-    """A dataclass field with its help text (lists get a fresh copy per instance)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help_text})
-    return field(default=default, metadata={"help": help_text})
-
-
-class SourceSpec(NamedTuple):
-    """One source as the user typed it: FILE[:WEIGHT[:BLOCKS]]."""
-
-    path: Path
-    weight: float
-    blocks: str | None
-
-
-def parse_source(text: str) -> SourceSpec:
-    """Split "FILE[:WEIGHT[:BLOCKS]]"; the file part may itself hold ':' (C:\\loras\\a.safetensors:0.5).
-
-    >>> parse_source("style.safetensors:0.8:OUTALL")
-    SourceSpec(path=PosixPath('style.safetensors'), weight=0.8, blocks='OUTALL')
-    """
-    parts = text.split(":")
-    for n in range(len(parts), 0, -1):
-        head, rest = ":".join(parts[:n]), parts[n:]
-        if len(rest) <= 2 and (Path(head).exists() or head.lower().endswith(LORA_SUFFIXES)):
-            break
-    else:
-        head, rest = parts[0], parts[1:]
-    if not head.strip():
-        raise ConfigError(f"source {text!r}: no file name; write FILE[:WEIGHT[:BLOCKS]]")
-    if len(rest) > 2:
-        raise ConfigError(f"source {text!r}: too many ':' parts; write FILE[:WEIGHT[:BLOCKS]]")
-    weight = 1.0
-    if rest and rest[0].strip():
-        try:
-            weight = float(rest[0])
-        except ValueError:
-            raise ConfigError(
-                f"source {text!r}: weight {rest[0]!r} is not a number; write FILE[:WEIGHT[:BLOCKS]], "
-                "e.g. style.safetensors:0.8:OUTALL"
-            ) from None
-    blocks = rest[1].strip() if len(rest) > 1 and rest[1].strip() else None
-    return SourceSpec(Path(head), weight, blocks)
 
 
 @dataclass
 class MergeConfig:
     # --- what to merge -------------------------------------------------------------------------
-    sources: list[str] = _f(
+    sources: list[str] = option(
         [], "LoRA files, each FILE[:WEIGHT[:BLOCKS]] (BLOCKS: preset name or block vector)"
     )
-    method: Method = _f(
+    method: Method = option(
         "concat", "concat, svd, ties, dare, dare-ties, magnitude, ziplora, ziplora-fast, orthogonal"
     )
-    out: str = _f("", "output LoRA file (.safetensors); may be empty when only --into-base is wanted")
-    format: Literal["kohya", "peft"] = _f(
+    out: str = option("", "output LoRA file (.safetensors); may be empty when only --into-base is wanted")
+    format: Literal["kohya", "peft"] = option(
         "kohya", "output key format: kohya (A1111/ComfyUI/diffusers) or peft"
     )
-    save_dtype: Literal["auto", "fp32", "fp16", "bf16"] = _f(
+    save_dtype: Literal["auto", "fp32", "fp16", "bf16"] = option(
         "auto", "dtype of the saved factors (auto = the most precise dtype among the sources)"
     )
-    overwrite: bool = _f(False, "replace existing output files")
-    allow_pickle: bool = _f(False, "also read pickle LoRA / model files (.pt/.ckpt/.bin): they can run code")
-    family: Literal["sd15", "sdxl"] | None = _f(None, "sd15 or sdxl, for files that do not say")
-    model: str = _f(
+    overwrite: bool = option(False, "replace existing output files")
+    allow_pickle: bool = option(
+        False, "also read pickle LoRA / model files (.pt/.ckpt/.bin): they can run code"
+    )
+    family: Literal["sd15", "sdxl"] | None = option(None, "sd15 or sdxl, for files that do not say")
+    model: str = option(
         "",
         "base model (diffusers folder, single file, or demo:sd15 / demo:sdxl): needed by ziplora and --into-base",
     )
-    into_base: str = _f("", "also add the merged LoRA into the base model and save it as this single file")
-    device: str = _f("auto", "auto, cpu, cuda or cuda:N: where ziplora and the dense methods (ties...) run")
-    # --- low-rank result ------------------------------------------------------------------------
-    rank: int | None = _f(
-        None, "rank of the result for svd/ties/dare/magnitude (default: largest source rank)"
+    into_base: str = option(
+        "", "also add the merged LoRA into the base model and save it as this single file"
     )
-    svd_solver: Literal["auto", "full", "randomized"] = _f(
+    device: str = option(
+        "auto", "auto, cpu, cuda or cuda:N: where ziplora and the dense methods (ties...) run"
+    )
+    # --- low-rank result ------------------------------------------------------------------------
+    rank: int | None = option(
+        None, "rank of the result for svd/ties/dare/magnitude (default: largest source rank)", min=1, max=4096
+    )
+    svd_solver: Literal["auto", "full", "randomized"] = option(
         "auto",
         "dense SVD after ties/dare: full (exact), randomized (fast) or auto (randomized for rank << size)",
     )
     # --- TIES / DARE / magnitude ----------------------------------------------------------------
-    density: float = _f(0.5, "ties/dare/magnitude: fraction of each delta's entries kept, in (0, 1]")
-    sign_method: Literal["total", "frequency"] = _f(
+    density: float = option(0.5, "ties/dare/magnitude: fraction of each delta's entries kept, in (0, 1]")
+    sign_method: Literal["total", "frequency"] = option(
         "total", "ties: elect each entry's sign by total mass or by how many sources agree"
     )
-    seed: int = _f(0, "seed of DARE's random drop, of ZipLoRA's noise and of the report's random inputs")
+    seed: int = option(0, "seed of DARE's random drop, of ZipLoRA's noise and of the report's random inputs")
     # --- ZipLoRA --------------------------------------------------------------------------------
-    prompts: list[str] = _f([], "ziplora: one prompt per source (its trigger words), in source order")
-    references: list[str] = _f(
+    prompts: list[str] = option([], "ziplora: one prompt per source (its trigger words), in source order")
+    references: list[str] = option(
         [], "ziplora: one folder of reference images per source ('' = generate them from the prompt)"
     )
-    steps: int = _f(100, "ziplora: merger optimisation steps (paper: 100)")
-    lr: float = _f(0.01, "ziplora: Adam learning rate of the mergers (paper: 0.01)")
-    similarity_weight: float = _f(0.01, "ziplora: lambda, weight of the merger-similarity term (paper: 0.01)")
-    stop_similarity: float = _f(
+    steps: int = option(100, "ziplora: merger optimisation steps (paper: 100)", min=0, max=100_000)
+    lr: float = option(0.01, "ziplora: Adam learning rate of the mergers (paper: 0.01)")
+    similarity_weight: float = option(
+        0.01, "ziplora: lambda, weight of the merger-similarity term (paper: 0.01)", min=0.0
+    )
+    stop_similarity: float = option(
         0.01,
         "ziplora: stop early once the mergers' mean overlap |m_i . m_j| / width (1 at first) is below this",
     )
-    batch_size: int = _f(1, "ziplora: noisy samples per source per step")
-    resolution: int = _f(0, "ziplora: image size of the references in pixels (0 = the model's default)")
-    reference_count: int = _f(2, "ziplora: images generated per source when no reference folder is given")
-    reference_steps: int = _f(20, "ziplora: denoising steps when generating reference images")
-    reference_guidance: float = _f(5.0, "ziplora: guidance scale when generating reference images")
-    warm_start: bool = _f(
+    batch_size: int = option(1, "ziplora: noisy samples per source per step", min=1, max=256)
+    resolution: int = option(
+        0, "ziplora: image size of the references in pixels (0 = the model's default)", min=0, max=4096
+    )
+    reference_count: int = option(
+        2, "ziplora: images generated per source when no reference folder is given", min=1, max=1000
+    )
+    reference_steps: int = option(
+        20, "ziplora: denoising steps when generating reference images", min=0, max=1000
+    )
+    reference_guidance: float = option(
+        5.0, "ziplora: guidance scale when generating reference images", min=0.0
+    )
+    warm_start: bool = option(
         False, "ziplora: start from the layer-wise (ziplora-fast) mergers instead of all ones"
     )
-    fast_steps: int = _f(200, "ziplora-fast: Adam steps of the layer-wise fit")
-    fast_lr: float = _f(0.01, "ziplora-fast: Adam learning rate of the layer-wise fit")
-    fast_tokens: int = _f(256, "ziplora-fast: recorded input rows kept per layer and source")
-    eval_samples: int = _f(
-        4, "ziplora: fixed noisy samples per source for the whole-model error in the report"
+    fast_steps: int = option(200, "ziplora-fast: Adam steps of the layer-wise fit", min=0, max=100_000)
+    fast_lr: float = option(0.01, "ziplora-fast: Adam learning rate of the layer-wise fit")
+    fast_tokens: int = option(256, "ziplora-fast: recorded input rows kept per layer and source", min=1)
+    eval_samples: int = option(
+        4, "ziplora: fixed noisy samples per source for the whole-model error in the report", min=1
     )
     # --- orthogonal / report --------------------------------------------------------------------
-    ortho_tolerance: float = _f(
+    ortho_tolerance: float = option(
         0.005,
         "orthogonal: largest normalised overlap ||A_i A_j^T|| / (||A_i|| ||A_j||) accepted as orthogonal",
+        min=0.0,
     )
-    probes: int = _f(32, "report: random input vectors per layer when measuring preservation/interference")
+    probes: int = option(
+        32, "report: random input vectors per layer when measuring preservation/interference", min=1
+    )
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"option method: {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.rank is not None and self.rank < 1:
-            raise ConfigError(f"option rank must be 1 or more, got {self.rank}")
+    def source_refs(self) -> list[LoraRef]:
+        return [parse_lora_ref(s) for s in self.sources]
+
+    def check(self) -> None:
+        """Refuse options that cannot work (bounds are on the fields), before any file is read."""
+        check_fields(self)
         if not 0.0 < self.density <= 1.0:
             raise ConfigError(f"option density must be in (0, 1], got {self.density}")
-        for name in ("steps", "fast_steps", "resolution", "reference_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"option {name} must be 0 or more, got {getattr(self, name)}")
-        for name in ("batch_size", "reference_count", "fast_tokens", "eval_samples", "probes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"option {name} must be 1 or more, got {getattr(self, name)}")
         for name in ("lr", "fast_lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"option {name} must be > 0, got {getattr(self, name)}")
-        if self.similarity_weight < 0 or self.ortho_tolerance < 0:
-            raise ConfigError("options similarity_weight and ortho_tolerance must be 0 or more")
-
-    def source_specs(self) -> list[SourceSpec]:
-        return [parse_source(s) for s in self.sources]
-
-    def check_complete(self) -> None:
-        """Cross-option checks, done before any file is read."""
         if not self.sources:
             raise ConfigError("nothing to merge: give one or more LoRA files (FILE[:WEIGHT[:BLOCKS]])")
         if not self.out and not self.into_base:

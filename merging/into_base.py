@@ -1,7 +1,7 @@
 """Add a LoRA (or a merge result) into a base model's weights and save a single-file checkpoint.
 
-The arithmetic is studio.lora_files.apply_to_pipeline (W += delta for every module, in float32, then cast
-to the weight's dtype); the file is written by studio.models.save_single_file in the original layout that
+The arithmetic is studio.core.lora_files.apply_to_pipeline (W += delta for every module, in float32, then cast
+to the weight's dtype); the file is written by studio.core.models.save_single_file in the original layout that
 A1111, ComfyUI and diffusers' from_single_file read.
 
     >>> merge_into_base(lora, model.pipe, "sd15", "my_model.safetensors")  # doctest: +SKIP
@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from studio.blocks import Family
-from studio.lora_files import LoraSet, apply_to_pipeline, resolve_module
-from studio.models import save_single_file
+from studio.core.checkpoints import save_single_file
+from studio.core.families import Family
+from studio.core.lora_files import LoraSet
+from studio.core.modules import apply_to_pipeline, resolve_module
 
 
 def merge_into_base(

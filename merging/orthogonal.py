@@ -23,7 +23,7 @@ import torch
 
 from merging.linear import concat_merge
 from merging.sources import Factors, MergeSource
-from studio.orthogonal import ORTHO_RANK_KEY, ORTHO_SEED_KEY, ORTHO_SLICE_KEY
+from studio.core.orthogonal_basis import ORTHO_RANK_KEY, ORTHO_SEED_KEY, ORTHO_SLICE_KEY
 
 
 def orthogonal_merge(sources: list[MergeSource], tolerance: float = 0.005) -> tuple[dict[str, Factors], dict]:

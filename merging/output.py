@@ -21,9 +21,9 @@ import torch
 
 from merging.report import MergeReport
 from merging.sources import MergeSource
-from studio.blocks import Family
-from studio.lora_files import LoraSet, write_lora
-from studio.safetensors_io import atomic_save_safetensors, read_header, read_safetensors
+from studio.core.families import Family
+from studio.core.io import atomic_save_safetensors, read_header, read_safetensors
+from studio.core.lora_files import LoraSet, write_lora
 
 REPORT_KEY = "studio_merge_report"
 MERGERS_KEY = "studio_ziplora_mergers"

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from merging.sources import Factors, MergeSource
-from studio.blocks import BLOCK_IDS, block_of
+from studio.core.blocks import BLOCK_IDS, block_of
 
 
 @dataclass

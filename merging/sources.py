@@ -5,7 +5,7 @@ alpha/rank scale, its weight and its block weight folded into `up`, both flatten
 (conv kernels flattened into the input axis). The source's contribution to the merge is then exactly
 `up @ down`, whatever format, rank or alpha the file had.
 
-    >>> sources, family = load_sources([parse_source("a.safetensors:0.7")])  # doctest: +SKIP
+    >>> sources, family = load_sources([parse_lora_ref("a.safetensors:0.7")])  # doctest: +SKIP
     >>> f = sources[0].factors()["unet.mid_block.attentions.0.proj_in"]  # doctest: +SKIP
     >>> f.delta().shape  # doctest: +SKIP
     torch.Size([1280, 1280])
@@ -20,10 +20,11 @@ from typing import NamedTuple
 
 import torch
 
-from merging.config import SourceSpec
-from studio.blocks import FAMILY_NAMES, Family, block_of, format_block_weights, parse_block_weights
-from studio.errors import ConfigError, FamilyMismatchError, KeyMismatchError, StudioError
-from studio.lora_files import LoraModule, LoraSet, check_against_model, read_lora
+from studio.core.blocks import block_of, format_block_weights, parse_block_weights
+from studio.core.errors import ConfigError, FamilyMismatchError, KeyMismatchError, StudioError
+from studio.core.families import FAMILY_NAMES, Family
+from studio.core.lora_files import LoraModule, LoraSet, check_against_model, read_lora
+from studio.core.lora_ref import LoraRef
 
 Shape = tuple[int, ...]
 
@@ -86,7 +87,7 @@ class MergeSource:
 
 
 def load_sources(
-    specs: Iterable[SourceSpec], family: Family | None = None, *, allow_pickle: bool = False
+    specs: Iterable[LoraRef], family: Family | None = None, *, allow_pickle: bool = False
 ) -> tuple[list[MergeSource], Family]:
     """Read every source, refuse mixed families and mismatched layer shapes, parse block weights."""
     loras = [(spec, read_lora(spec.path, allow_pickle=allow_pickle)) for spec in specs]

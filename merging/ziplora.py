@@ -43,7 +43,8 @@ from merging.ziplora_data import (
     training_scheduler,
 )
 from merging.ziplora_layer import ZipLoraModel
-from studio.errors import StudioError
+from merging.ziplora_optim import optimizer_step
+from studio.core.errors import StudioError
 
 Progress = Callable[[dict], None]
 
@@ -187,40 +188,6 @@ def reconstruction(pred: torch.Tensor, target: torch.Tensor, sources: tuple[int,
         rows = index == s
         total = total + (pred[rows].float() - target[rows].float()).square().mean()
     return total
-
-
-def optimizer_step(
-    optimizer: torch.optim.Optimizer,
-    loss: torch.Tensor,
-    recon: torch.Tensor,
-    similarity: torch.Tensor,
-    pairs: int,
-    total: int,
-    cfg: MergeConfig,
-    history: list[dict],
-    progress: Progress | None,
-) -> str | None:
-    """One step on the mergers, logged into `history`; returns why to stop early, or None to go on.
-
-    Shared by the whole-model fit and the fast layer-wise fit (merging/ziplora_fast.py).
-    """
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    mean_sim = float(similarity.detach()) / max(pairs, 1)  # before this step's update
-    history.append(
-        {
-            "step": len(history) + 1,
-            "loss": float(loss.detach()),
-            "reconstruction": float(recon.detach()),
-            "similarity": mean_sim,
-        }
-    )
-    if progress:
-        progress({"steps": total, **history[-1]})
-    if mean_sim < cfg.stop_similarity:
-        return f"mergers no longer overlap (mean overlap {mean_sim:.2g} < {cfg.stop_similarity:g})"
-    return None
 
 
 def fit_whole_model(setup: ZipSetup, cfg: MergeConfig, progress: Progress | None) -> tuple[list[dict], str]:

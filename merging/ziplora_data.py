@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
-from studio.errors import ConfigError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from studio.core.errors import ConfigError
+from studio.core.images import IMAGE_SUFFIXES, image_files, load_image
 
 
 @dataclass
@@ -59,13 +58,14 @@ def default_size(pipe, resolution: int = 0) -> tuple[int, int]:
     return side, side
 
 
-def image_files(folder: str | Path) -> list[Path]:
+def reference_images(folder: str | Path) -> list[Path]:
+    """The images of a reference folder, or a ConfigError saying what is missing."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(
             f"reference folder {folder} does not exist; give a folder of images or '' to generate"
         )
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(folder)
     if not files:
         raise ConfigError(f"reference folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
@@ -74,15 +74,10 @@ def image_files(folder: str | Path) -> list[Path]:
 @torch.no_grad()
 def encode_images(pipe, folder: str | Path, size: tuple[int, int]) -> torch.Tensor:
     """Reference latents of the images in `folder`, resized to `size` (the VAE's mean, scaled)."""
-    from PIL import Image, UnidentifiedImageError
-
     latents = []
     vae = pipe.vae
-    for path in image_files(folder):
-        try:
-            image = Image.open(path).convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
-            raise ConfigError(f"{path}: cannot read this image ({exc}).") from None
+    for path in reference_images(folder):
+        image = load_image(path)
         pixels = pipe.image_processor.preprocess(image, height=size[0], width=size[1])
         pixels = pixels.to(vae.device, vae.dtype)
         latents.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)

@@ -24,9 +24,9 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from merging.ziplora import optimizer_step
 from merging.ziplora_data import sample_batch
 from merging.ziplora_layer import ZipLoraLayer
+from merging.ziplora_optim import optimizer_step
 
 
 class LayerGroup:

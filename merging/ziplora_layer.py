@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from merging.sources import Factors
-from studio.errors import StudioError
-from studio.lora_files import resolve_module
+from studio.core.errors import StudioError
+from studio.core.families import COMPONENTS
+from studio.core.modules import resolve_module
 
 
 class ZipLoraLayer(nn.Module):
@@ -201,7 +202,7 @@ class ZipLoraModel:
     def installed(self) -> Iterator[ZipLoraModel]:
         """Freeze the pipeline, swap the layers in; always put everything back as it was found."""
         flags = []
-        for component in ("unet", "text_encoder", "text_encoder_2"):
+        for component in COMPONENTS:
             module = getattr(self.pipe, component, None)
             if module is not None:
                 for p in module.parameters():

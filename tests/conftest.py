@@ -17,9 +17,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from studio.models import save_single_file  # noqa: E402
-from studio.tiny import save_tiny, tiny_config_dir, tiny_sd15_pipeline, tiny_sdxl_pipeline  # noqa: E402
-from studio.tokenizers import SDXL_PAD_2, clip_tokenizer  # noqa: E402
+from studio.core.checkpoints import save_single_file  # noqa: E402
+from studio.core.tokenizers import SDXL_PAD_2, clip_tokenizer  # noqa: E402
+from tests.fixtures.tiny import save_tiny, tiny_config_dir, tiny_sd15_pipeline, tiny_sdxl_pipeline  # noqa: E402
 
 # Tiny models are dominated by per-op overhead: extra threads only contend on a shared 2-core machine
 # (measured: a 2-step tiny generation takes ~0.2 s with one thread, often >1 s with two under load).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from studio.blocks import FAMILY_BLOCK_IDS, unet_prefix_of_block
+from studio.core.blocks import FAMILY_BLOCK_IDS, unet_prefix_of_block
 
 
 def _first_tensor(out):

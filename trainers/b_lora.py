@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.blocks import Family
-from studio.errors import ConfigError, FamilyMismatchError
-from studio.lora_files import B_LORA_CONTENT, B_LORA_STYLE, LoraSet, write_lora
+from studio.core.errors import ConfigError, FamilyMismatchError
+from studio.core.families import Family
+from studio.core.lora_files import B_LORA_CONTENT, B_LORA_STYLE, LoraSet, write_lora
 from trainers.config import TrainConfig
 from trainers.methods import DataContext, DataPart, Method, instance_part, require_data_dir, spec_from_config
 
@@ -50,7 +50,7 @@ def target_spec(cfg: TrainConfig, family: Family):
 
 
 def data(cfg: TrainConfig, ctx: DataContext) -> list[DataPart]:
-    part = instance_part(cfg)
+    part = instance_part(cfg, ctx)
     if len(part.dataset) > 1:
         ctx.events.emit(
             "log",

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDPMScheduler
 
-from studio.errors import ConfigError
+from studio.core.errors import ConfigError
+from studio.core.model_paths import resolve_model
+from studio.core.models import load_base
 from trainers.config import TrainConfig
 
 
@@ -31,10 +33,7 @@ class TrainModels:
 
 
 def load_base_model(cfg: TrainConfig):
-    """Load cfg.model (diffusers folder or single file) with studio.models; '' means the built-in demo model."""
-    from studio.demo.paths import resolve_model
-    from studio.models import load_base
-
+    """Load cfg.model (diffusers folder or single file) with studio.core.models; '' means the built-in demo model."""
     path, _ = resolve_model(cfg.model or None)
     # fp32 on the CPU: prepare_models moves and casts for the run's device and mixed precision
     return load_base(path, device="cpu", dtype=torch.float32, allow_pickle=cfg.allow_pickle)

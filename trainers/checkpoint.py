@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from studio.errors import ConfigError
-from studio.safetensors_io import atomic_save_safetensors, atomic_write_text, read_safetensors
+from studio.core.errors import ConfigError
+from studio.core.io import atomic_save_safetensors, atomic_write_text, read_safetensors
 
 STATE_FILE = "trainer_state.json"
 PARAMS_FILE = "lora_params.safetensors"

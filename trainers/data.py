@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from studio.errors import BadFileError, ConfigError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from studio.core.errors import BadFileError, ConfigError
+from studio.core.images import IMAGE_SUFFIXES, image_files, image_size
 
 
 @dataclass
@@ -55,22 +54,6 @@ class Dataset:
 # scanning
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open an image fully (EXIF rotation applied, RGB); a BadFileError names a corrupt or unreadable file."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return ImageOps.exif_transpose(img).convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise BadFileError(
-            f"{path}: cannot read this image ({exc}). Replace or remove the file and start again."
-        ) from None
-
-
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def scan_dataset(
     folder: str | Path,
     *,
@@ -96,7 +79,7 @@ def scan_dataset(
         )
     examples, missing = [], []
     for path in files:
-        size = _image_size(path)
+        size = image_size(path)
         caption, from_file = _caption_for(path, use_captions, caption_extension)
         if caption is None:
             missing.append(path)
@@ -108,19 +91,6 @@ def scan_dataset(
             caption = prompt
         examples.append(Example(path, caption, size, from_file))
     return Dataset(folder, examples, repeats, missing if use_captions else [])
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees in EXIF
-                w, h = h, w
-            return w, h
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise BadFileError(
-            f"{path}: cannot read this image ({exc}). Replace or remove the file and start again."
-        ) from None
 
 
 def _caption_for(path: Path, use_captions: bool, extension: str) -> tuple[str | None, bool]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.blocks import Family
-from studio.errors import ConfigError
+from studio.core.errors import ConfigError
+from studio.core.families import Family
 from trainers.config import TrainConfig
 from trainers.data import scan_dataset
 from trainers.methods import DataContext, DataPart, Method, instance_part, require_data_dir, spec_from_config
@@ -38,7 +38,7 @@ def class_folder(cfg: TrainConfig) -> Path:
 
 
 def data(cfg: TrainConfig, ctx: DataContext) -> list[DataPart]:
-    parts = [instance_part(cfg)]
+    parts = [instance_part(cfg, ctx)]
     if not cfg.prior_preservation:
         return parts
     folder = class_folder(cfg)

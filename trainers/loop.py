@@ -1,7 +1,7 @@
 """The training loop shared by every method: setup, models, data, optimizer, loop, save.
 
-    >>> from studio.config import build_config, load_preset
-    >>> cfg = build_config(TrainConfig, load_preset("train_style_sd15"), data_dir="art", max_steps=500)
+    >>> from studio.core.options import build_config, load_preset
+    >>> cfg = build_config(TrainConfig, load_preset("style_sd15", "train"), data_dir="art", max_steps=500)
     >>> result = train(cfg)  # doctest: +SKIP
     >>> result.path  # doctest: +SKIP
     PosixPath('output/lora.safetensors')
@@ -12,6 +12,7 @@ its own batches, and only the main process writes files and events.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -23,22 +24,23 @@ from accelerate.utils import set_seed
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
-from studio.config import config_to_dict
-from studio.errors import ConfigError, StudioError
-from studio.lora_files import model_module_shapes, write_lora
-from studio.models import pipe_family
-from studio.safetensors_io import atomic_write_text
-from studio.targets import ModuleTarget, plan_targets
+from studio.core.checkpoints import pipe_family
+from studio.core.errors import ConfigError, StudioError
+from studio.core.io import atomic_write_text
+from studio.core.lora_files import write_lora
+from studio.core.modules import model_module_shapes
+from studio.core.options import config_to_dict
+from studio.core.targets import ModuleTarget, plan_targets
 from trainers import checkpoint as ckpt
 from trainers.base_model import TrainModels, load_base_model, prepare_models, resolve_mixed_precision
 from trainers.config import TrainConfig
-from trainers.data import assign_buckets, make_buckets, scan_dataset
+from trainers.data import assign_buckets, make_buckets
 from trainers.encode import TextCache
 from trainers.events import EventCallback, EventLog
 from trainers.metadata import training_metadata
-from trainers.methods import DataContext, DataPart, Method, get_method
+from trainers.methods import DataContext, DataPart, Method, get_method, instance_dataset
 from trainers.network import add_lora, extract_lora, param_groups, trainable_parameters
-from trainers.optim import make_optimizer, make_scheduler
+from trainers.optim import make_lr_scheduler, make_optimizer
 from trainers.samples import render_samples
 from trainers.step import TrainData, part_loss, step_seed
 
@@ -81,12 +83,13 @@ def train(cfg: TrainConfig, *, pipe=None, family: str | None = None, on_event: E
     run = setup_run(cfg, on_event)
     try:
         method = get_method(cfg.method)
-        if cfg.data_dir:  # find missing folders and broken images before loading a multi-GB model
-            scan_dataset(cfg.data_dir, prompt=cfg.prompt, use_captions=cfg.use_captions,
-                         caption_extension=cfg.caption_extension)  # fmt: skip
+        # the images are scanned once, before a multi-GB model is loaded: missing folders and broken files
+        # are found at once
+        instance = instance_dataset(cfg) if cfg.data_dir else None
         models = load_models(cfg, run, pipe, family, model_name, model_hash)
         method.check(cfg, models.family)
-        parts = method.data(cfg, DataContext(models.pipe, models.family, run.events, run.accelerator))
+        context = DataContext(models.pipe, models.family, run.events, run.accelerator, instance)
+        parts = method.data(cfg, context)
         plan = plan_targets(
             model_module_shapes(models.pipe), models.family, method.target_spec(cfg, models.family)
         )
@@ -200,7 +203,7 @@ def build_optimizer(cfg: TrainConfig, run: Run, models: TrainModels, layers: dic
     params = trainable_parameters(layers)
     groups = param_groups(layers, plan, cfg.learning_rate, cfg.effective_text_encoder_lr)
     optimizer = make_optimizer(cfg, groups)
-    scheduler = make_scheduler(cfg, optimizer, acc.num_processes)
+    scheduler = make_lr_scheduler(cfg, optimizer, acc.num_processes)
     prepared = acc.prepare(*trained, optimizer, scheduler)
     wrapped, optimizer, scheduler = list(prepared[: len(trained)]), prepared[-2], prepared[-1]
     models.unet = wrapped[0]
@@ -214,16 +217,12 @@ def build_optimizer(cfg: TrainConfig, run: Run, models: TrainModels, layers: dic
 def resume(cfg: TrainConfig, run: Run, opt: Optimization) -> int:
     path = ckpt.find_checkpoint(cfg.resume, run.out_dir)
     saved = ckpt.read_checkpoint_state(path)
-    changed = ckpt.check_same_run(saved.get("config", {}), _run_config(cfg), path)
+    changed = ckpt.check_same_run(saved.get("config", {}), config_to_dict(cfg), path)
     step = ckpt.load_checkpoint(run.accelerator, path, opt.params)
     run.step, run.last_checkpoint = step, path
     note = f" (changed: {', '.join(changed)})" if changed else ""
     run.events.emit("log", message=f"resumed from {path} at step {step}{note}")
     return step
-
-
-def _run_config(cfg: TrainConfig) -> dict:
-    return config_to_dict(cfg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,7 +305,7 @@ def sample(cfg: TrainConfig, run: Run, models: TrainModels, step: int) -> None:
 
 
 def save_checkpoint(cfg: TrainConfig, run: Run, opt: Optimization, step: int) -> None:
-    path = ckpt.save_checkpoint(run.accelerator, run.out_dir, step, opt.params, _run_config(cfg),
+    path = ckpt.save_checkpoint(run.accelerator, run.out_dir, step, opt.params, config_to_dict(cfg),
                                 keep=cfg.checkpoints_keep)  # fmt: skip
     run.last_checkpoint = path
     run.events.emit("checkpoint", step=step, path=path)
@@ -331,8 +330,6 @@ def save_outputs(cfg: TrainConfig, run: Run, models: TrainModels, method: Method
         files.append(write_lora(lora, path, family=models.family, metadata=meta, overwrite=cfg.overwrite))
         if method.save_extra:
             files += method.save_extra(cfg, lora, path, meta)
-        import json
-
         atomic_write_text(run.out_dir / f"{cfg.output_name}.config.json",
                           json.dumps(config_to_dict(cfg), indent=2, default=str))  # fmt: skip
     seconds = time.time() - run.started

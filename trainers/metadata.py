@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from studio.config import config_to_dict
-from studio.targets import ModuleTarget, summarize_plan
+from studio.core.options import config_to_dict
+from studio.core.targets import ModuleTarget, summarize_plan
 from trainers.config import TrainConfig
 from trainers.data import tag_frequency
 from trainers.methods import DataPart

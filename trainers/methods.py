@@ -11,10 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio.blocks import Family
-from studio.errors import ConfigError
-from studio.lora_files import LoraSet
-from studio.targets import ModuleTarget, TargetSpec, parse_block_map
+from studio.core.errors import ConfigError
+from studio.core.families import Family
+from studio.core.lora_files import LoraSet
+from studio.core.targets import ModuleTarget, TargetSpec, parse_block_map
 from trainers.config import METHODS, TrainConfig
 from trainers.data import Dataset, scan_dataset
 
@@ -30,12 +30,14 @@ class DataPart:
 
 @dataclass
 class DataContext:
-    """What a method may use to build its data: the base pipeline (before any LoRA), events, process info."""
+    """What a method may use to build its data: the base pipeline (before any LoRA), events, process info,
+    and the images of data_dir, scanned once when the run started (None without data_dir)."""
 
     pipe: object
     family: Family
     events: object
     accelerator: object
+    instance: Dataset | None = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def get_method(name: str) -> Method:
 
 
 def spec_from_config(cfg: TrainConfig, family: Family) -> TargetSpec:
-    """The block-wise targeting options of a config, for studio.targets.plan_targets."""
+    """The block-wise targeting options of a config, for studio.core.targets.plan_targets."""
     return TargetSpec(
         rank=cfg.rank,
         alpha=cfg.alpha or None,
@@ -83,13 +85,17 @@ def require_data_dir(cfg: TrainConfig) -> None:
         raise ConfigError(f"method {cfg.method} needs data_dir: a folder of training images (--data-dir)")
 
 
-def instance_part(cfg: TrainConfig) -> DataPart:
+def instance_dataset(cfg: TrainConfig) -> Dataset:
     """The main images of a run (data_dir), captions from files where present, else cfg.prompt."""
-    dataset = scan_dataset(
+    return scan_dataset(
         cfg.data_dir,
         prompt=cfg.prompt,
         use_captions=cfg.use_captions,
         caption_extension=cfg.caption_extension,
         repeats=cfg.repeats,
     )
-    return DataPart(dataset, 1.0, "instance")
+
+
+def instance_part(cfg: TrainConfig, ctx: DataContext) -> DataPart:
+    """The main images as a data part of the run (the dataset scanned at the start)."""
+    return DataPart(ctx.instance if ctx.instance is not None else instance_dataset(cfg), 1.0, "instance")

@@ -10,50 +10,33 @@ trained factors are written out unchanged (lora_A = lora_down, lora_B = lora_up,
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
-from peft import LoraConfig
 
-from studio.blocks import Family
-from studio.lora_files import LoraModule, LoraSet, model_path, resolve_module
-from studio.targets import ModuleTarget
+from studio.core.families import COMPONENTS, Family
+from studio.core.lora_files import LoraModule, LoraSet
+from studio.core.modules import model_path, resolve_module
+from studio.core.peft_glue import inject_lora
+from studio.core.targets import ModuleTarget
 
 ADAPTER = "default"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def add_lora(pipe, plan: Mapping[str, ModuleTarget], dropout: float = 0.0) -> dict[str, torch.nn.Module]:
-    """Inject one peft adapter per pipeline component that has targets; returns {canonical path: lora layer}."""
+    """Inject one peft adapter per pipeline component that has targets; returns {canonical path: lora layer}.
+
+    peft initialises the factors (A random, B zero), so training starts from the base model.
+    """
     for component in COMPONENTS:
-        names = {model_path(pipe, p): t for p, t in plan.items() if p.partition(".")[0] == component}
-        if not names:
-            continue
-        getattr(pipe, component).add_adapter(_lora_config(names, dropout), adapter_name=ADAPTER)
+        targets = {
+            model_path(pipe, p): (t.rank, t.alpha)
+            for p, t in plan.items()
+            if p.partition(".")[0] == component
+        }
+        if targets:
+            inject_lora(getattr(pipe, component), ADAPTER, targets, dropout=dropout)
     return lora_layers(pipe, plan)
-
-
-def _lora_config(targets: Mapping[str, ModuleTarget], dropout: float) -> LoraConfig:
-    """A LoraConfig targeting exactly these module names, with per-module rank and alpha as patterns."""
-    common_rank = _most_common([t.rank for t in targets.values()])
-    common_alpha = _most_common([t.alpha for t in targets.values()])
-    # peft treats pattern keys as regexes matched at the end of a module name: escape the exact names.
-    rank_pattern = {re.escape(n): t.rank for n, t in targets.items() if t.rank != common_rank}
-    alpha_pattern = {re.escape(n): t.alpha for n, t in targets.items() if t.alpha != common_alpha}
-    return LoraConfig(
-        r=common_rank,
-        lora_alpha=common_alpha,
-        target_modules=sorted(targets),
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-        lora_dropout=dropout,
-        init_lora_weights=True,  # A random (kaiming), B zero: training starts from the base model
-    )
-
-
-def _most_common(values: list):
-    return max(set(values), key=values.count)
 
 
 def lora_layers(pipe, plan: Mapping[str, ModuleTarget]) -> dict[str, torch.nn.Module]:

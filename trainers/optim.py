@@ -1,7 +1,7 @@
 """Optimizers, learning-rate schedules and the diffusion loss (min-SNR weighting, noise offset).
 
 >>> opt = make_optimizer(cfg, param_groups)  # doctest: +SKIP
->>> sched = make_scheduler(cfg, opt, num_processes=1)  # doctest: +SKIP
+>>> sched = make_lr_scheduler(cfg, opt, num_processes=1)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 
-from studio.errors import ConfigError
+from studio.core.errors import ConfigError
 from trainers.config import TrainConfig
 
 
@@ -51,7 +51,7 @@ def make_optimizer(cfg: TrainConfig, param_groups: list[dict]) -> torch.optim.Op
     raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use adamw, adamw8bit or prodigy")
 
 
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, num_processes: int):
+def make_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, num_processes: int):
     """diffusers' schedules with warmup.
 
     accelerate steps a prepared scheduler once per process per optimizer step, so the step counts are

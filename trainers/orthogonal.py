@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import torch
 
-from studio.blocks import Family
-from studio.errors import ConfigError
-from studio.orthogonal import ORTHO_RANK_KEY, ORTHO_SEED_KEY, ORTHO_SLICE_KEY, basis_slice, check_capacity
-from studio.targets import ModuleTarget
+from studio.core.errors import ConfigError
+from studio.core.families import Family
+from studio.core.orthogonal_basis import (
+    ORTHO_RANK_KEY,
+    ORTHO_SEED_KEY,
+    ORTHO_SLICE_KEY,
+    basis_slice,
+    check_capacity,
+)
+from studio.core.targets import ModuleTarget
 from trainers.config import TrainConfig
 from trainers.methods import DataContext, DataPart, Method, instance_part, require_data_dir, spec_from_config
 from trainers.network import ADAPTER
@@ -34,7 +40,7 @@ def check(cfg: TrainConfig, family: Family) -> None:
 
 
 def data(cfg: TrainConfig, ctx: DataContext) -> list[DataPart]:
-    return [instance_part(cfg)]
+    return [instance_part(cfg, ctx)]
 
 
 def input_width(layer: torch.nn.Module) -> int:

@@ -6,27 +6,14 @@ has its own fixed-seed generator, so a resumed run trains exactly like an uninte
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-
-def save_png(image: Image.Image, path: Path) -> Path:
-    """Write a PNG atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+from studio.core.images import image_files
+from studio.core.io import write_png
 
 
 def render(pipe, prompt: str, *, seed: int, steps: int, guidance: float, size: int) -> Image.Image:
@@ -54,7 +41,7 @@ def render_samples(pipe, prompts: list[str], folder: Path, step: int, *, seed: i
         paths = []
         for i, prompt in enumerate(prompts):
             image = render(pipe, prompt, seed=seed + i, steps=steps, guidance=guidance, size=size)
-            paths.append(save_png(image, folder / f"step-{step:06d}-{i}.png"))
+            paths.append(write_png(image, folder / f"step-{step:06d}-{i}.png"))
         return paths
     finally:
         unet.train(was_training)
@@ -63,13 +50,11 @@ def render_samples(pipe, prompts: list[str], folder: Path, step: int, *, seed: i
 def generate_class_images(pipe, prompt: str, folder: Path, count: int, *, seed: int, steps: int, size: int,
                           progress: bool = True) -> list[Path]:  # fmt: skip
     """Fill `folder` up to `count` images of `prompt` (images already there count), as DreamBooth does."""
-    from trainers.data import image_files
-
     folder.mkdir(parents=True, exist_ok=True)
     have = len(image_files(folder))
     pipe.set_progress_bar_config(disable=True)
     made = []
     for i in tqdm(range(have, count), desc="class images", disable=not progress or have >= count):
         image = render(pipe, prompt, seed=seed + i, steps=steps, guidance=7.0, size=size)
-        made.append(save_png(image, folder / f"class-{i:05d}.png"))
+        made.append(write_png(image, folder / f"class-{i:05d}.png"))
     return made

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from studio.core.images import load_image
 from trainers.config import TrainConfig
-from trainers.data import BatchPlan, Example, fit_to_bucket, load_image, process_caption
+from trainers.data import BatchPlan, Example, fit_to_bucket, process_caption
 from trainers.encode import TextCache, encode_pixels, sample_latents
 from trainers.methods import DataPart
 from trainers.optim import diffusion_loss, offset_noise

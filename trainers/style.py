@@ -8,8 +8,8 @@ dropout, tag shuffling with the first `keep_tokens` tags kept in place, and `rep
 
 from __future__ import annotations
 
-from studio.blocks import Family
-from studio.errors import ConfigError
+from studio.core.errors import ConfigError
+from studio.core.families import Family
 from trainers.config import TrainConfig
 from trainers.methods import DataContext, DataPart, Method, instance_part, require_data_dir, spec_from_config
 
@@ -21,7 +21,7 @@ def check(cfg: TrainConfig, family: Family) -> None:
 
 
 def data(cfg: TrainConfig, ctx: DataContext) -> list[DataPart]:
-    part = instance_part(cfg)
+    part = instance_part(cfg, ctx)
     if part.dataset.missing_captions:
         ctx.events.emit(
             "log",

@@ -1,6 +1,6 @@
 """The studio's page: Generate, Dataset, Train, Merge and Jobs tabs over one workspace.
 
-    lora-studio ui --workspace studio-work            # or: python -m ui.app --workspace studio-work
+    lora-studio ui --workspace studio-work
 
 Tests import `build_app` and drive it with gradio_client and a headless browser.
 """
@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.services import Services, build_services
+from studio.app.services import Services, build_services
 from ui.tabs import dataset, generate, jobs, merge, train
 
 TITLE = "LoRA Studio"
 
 
 def build_app(services: Services) -> gr.Blocks:
-    """The page over `services` (built by studio.services.build_services)."""
+    """The page over `services` (built by studio.app.services.build_services)."""
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         gr.Markdown(
             f"# {TITLE}\nWorkspace: `{services.workspace.root}` · base model by default: the built-in demo "
@@ -45,11 +45,3 @@ def launch(
         )
     finally:
         services.close()
-
-
-if __name__ == "__main__":  # the same as `lora-studio ui`
-    import sys
-
-    from studio.cli import main
-
-    sys.exit(main(["ui", *sys.argv[1:]]))

@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from studio.errors import StudioError
+from studio.core.errors import StudioError
 
 
 class Form:
@@ -52,25 +52,3 @@ def user_error(exc: Exception) -> gr.Error:
     if isinstance(exc, StudioError):
         return gr.Error(str(exc))
     return gr.Error(f"{type(exc).__name__}: {exc}")
-
-
-def parse_weights(text: str, count: int) -> list[float]:
-    """'1, 0.8' -> [1.0, 0.8]; missing weights are 1.0."""
-    from studio.errors import ConfigError
-
-    parts = [p.strip() for p in (text or "").replace(";", ",").split(",") if p.strip()]
-    if len(parts) > count:
-        raise ConfigError(f"{len(parts)} weights for {count} LoRA(s): give one weight per selected LoRA")
-    try:
-        weights = [float(p) for p in parts]
-    except ValueError:
-        raise ConfigError(f"weights {text!r}: write numbers separated by commas, e.g. 1, 0.8") from None
-    return weights + [1.0] * (count - len(weights))
-
-
-def model_choice(workspace, text: str) -> str:
-    """'demo:sd15' / 'demo:sdxl' as they are; any other model path must lie inside the workspace."""
-    text = (text or "").strip()
-    if not text or text.startswith("demo:"):
-        return text or "demo:sd15"
-    return str(workspace.resolve(text))

@@ -6,7 +6,8 @@ images they were trained on; `studio.demo.classifiers` judges what an image show
 
 from typing import Any
 
-from studio.demo.paths import FAMILIES, demo_model_path
+from studio.core.families import FAMILIES
+from studio.core.model_paths import demo_model_path
 from studio.demo.world import (
     ATTRIBUTES,
     BACKGROUNDS,

@@ -16,8 +16,8 @@ from __future__ import annotations
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from studio.demo.paths import check_family
-from studio.tokenizers import MODEL_MAX_LENGTH, VOCAB_SIZE
+from studio.core.families import check_family
+from studio.core.tokenizers import MODEL_MAX_LENGTH, VOCAB_SIZE
 
 BOS_ID, EOS_ID = 49406, 49407
 TEXT_WIDTH = 32  # hidden size of every demo text encoder

@@ -31,8 +31,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from studio.core.errors import StudioError
 from studio.demo.world import ATTRIBUTES, IMAGE_SIZE, WORLD
-from studio.errors import StudioError
 
 JUDGES_DIR = Path(__file__).resolve().parent / "weights" / "judges"
 WEIGHTS_NAME = "judges.safetensors"

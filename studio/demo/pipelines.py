@@ -18,8 +18,8 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
+from studio.core.model_paths import demo_model_path
 from studio.demo.architectures import train_scheduler
-from studio.demo.paths import demo_model_path
 
 
 def load_demo_pipeline(family: str = "sd15", dtype: torch.dtype = torch.float32) -> DiffusionPipeline:

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
+from studio.core.errors import ConfigError
+from studio.core.families import TEXT_ENCODERS, check_family
+from studio.core.io import atomic_write_text
+from studio.core.tokenizers import EOS, clip_tokenizer, write_tokenizer_files
 from studio.demo.architectures import build_text_encoders, build_unet, build_vae, train_scheduler
-from studio.demo.paths import check_family
 from studio.demo.pipelines import assemble_pipeline, encode_text, time_ids
 from studio.demo.world import ATTRIBUTES, WORLD
-from studio.errors import ConfigError
-from studio.safetensors_io import atomic_write_text
-from studio.tokenizers import EOS, clip_tokenizer, write_tokenizer_files
 
 # Words whose token rows are kept (randomly initialised) in the shipped text encoders although the base
 # training never shows them: held-out subjects and styles, and the usual DreamBooth / TI trigger words.
@@ -396,7 +396,7 @@ def finish_folder(out: Path, family: str) -> None:
         for f in folder.iterdir():
             f.unlink()
         write_tokenizer_files(folder, pad_token=pad)
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in TEXT_ENCODERS:
         config = out / name / "config.json"
         if config.is_file():
             data = json.loads(config.read_text())

@@ -23,7 +23,7 @@ from typing import Literal
 
 from PIL import Image, ImageDraw
 
-from studio.errors import ConfigError
+from studio.core.errors import ConfigError
 
 Split = Literal["base", "holdout_subject", "holdout_style", "all"]
 SPLITS: tuple[str, ...] = ("base", "holdout_subject", "holdout_style", "all")

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from studio.cli import main
+from studio.app.cli import main
+from studio.app.evaluate import check_against
 from studio.demo.adherence import measure_adherence
-from studio.demo.evaluate import check_against
 from studio.demo.pipelines import load_demo_pipeline
 
 RECORD = Path(__file__).with_name("eval_quick_sd15.json")

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from studio.core.errors import ConfigError, StudioError
 from studio.demo import world as w
 from studio.demo.world import WORLD, Spec
-from studio.errors import ConfigError, StudioError
 
 
 def pixels(image) -> np.ndarray:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from studio.lora_files import LoraSet, apply_to_pipeline
+from studio.core.lora_files import LoraSet
+from studio.core.modules import apply_to_pipeline
 from tests.probes import unet_output
 
 

@@ -5,13 +5,13 @@ import torch
 from merge_helpers import outputs_with
 
 from merging import MergeConfig, run_merge
-from merging.config import parse_source
 from merging.linear import concat_merge, svd_merge, truncate_factors
 from merging.sources import Factors, load_sources
-from studio.blocks import block_of, parse_block_weights
-from studio.config import build_config
-from studio.lora_files import read_lora, write_lora
-from studio.lora_random import random_lora
+from studio.core.blocks import block_of, parse_block_weights
+from studio.core.lora_files import read_lora, write_lora
+from studio.core.lora_ref import parse_lora_ref
+from studio.core.options import build_config
+from tests.fixtures.lora_random import random_lora
 from tests.probes import unet_output
 
 
@@ -57,7 +57,7 @@ def test_naive_sum_of_factors_would_be_wrong(tiny_sd15, tmp_path):
     a = random_lora(tiny_sd15, "sd15", rank=4, seed=1, text_encoder=False)
     b = random_lora(tiny_sd15, "sd15", rank=4, seed=2, text_encoder=False)
     pa, pb = write_lora(a, tmp_path / "a.safetensors"), write_lora(b, tmp_path / "b.safetensors")
-    sources, _ = load_sources([parse_source(str(pa)), parse_source(str(pb))])
+    sources, _ = load_sources([parse_lora_ref(str(pa)), parse_lora_ref(str(pb))])
     path = next(iter(a.modules))
     exact = a.modules[path].delta() + b.modules[path].delta()
     ma, mb = a.modules[path], b.modules[path]
@@ -71,7 +71,7 @@ def test_svd_error_shrinks_to_zero_at_the_combined_rank(tiny_sdxl, tmp_path):
     a = random_lora(tiny_sdxl, "sdxl", rank=3, alpha=1.5, seed=1, conv=True)
     b = random_lora(tiny_sdxl, "sdxl", rank=5, seed=2)
     pa, pb = write_lora(a, tmp_path / "a.safetensors"), write_lora(b, tmp_path / "b.safetensors")
-    sources, _ = load_sources([parse_source(f"{pa}:0.8"), parse_source(f"{pb}:0.6")])
+    sources, _ = load_sources([parse_lora_ref(f"{pa}:0.8"), parse_lora_ref(f"{pb}:0.6")])
     exact = concat_merge(sources)
     means = []
     for rank in (1, 2, 4, 6, 8):

@@ -10,11 +10,12 @@ from merge_helpers import outputs_with
 from safetensors.torch import save_file
 
 from merging.into_base import merge_into_base
-from studio.blocks import block_of
-from studio.cli import main
-from studio.lora_files import LoraModule, LoraSet, model_module_shapes, read_lora, write_lora
-from studio.lora_random import random_lora
-from studio.models import load_base
+from studio.app.cli import main
+from studio.core.blocks import block_of
+from studio.core.lora_files import LoraModule, LoraSet, read_lora, write_lora
+from studio.core.models import load_base
+from studio.core.modules import model_module_shapes
+from tests.fixtures.lora_random import random_lora
 from tests.probes import unet_output
 
 
@@ -123,7 +124,7 @@ def test_cli_merges_every_format_exactly(files, tmp_path, capsys):
 
 def test_cli_as_a_user_runs_it(files, tmp_path):
     out = tmp_path / "ties.safetensors"
-    cmd = [sys.executable, "-m", "studio.cli", "merge", "--preset", "merge_ties", "--set", "rank=3", "--json",
+    cmd = [sys.executable, "-m", "studio.app.cli", "merge", "--preset", "merge_ties", "--set", "rank=3", "--json",
            f"{files['sdxl_kohya']}:0.6", str(files["sdxl_peft"]), "--out", str(out)]  # fmt: skip
     done = subprocess.run(
         cmd, capture_output=True, text=True, timeout=300, env={**_env(), "OMP_NUM_THREADS": "1"}

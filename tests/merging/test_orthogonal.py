@@ -3,10 +3,11 @@
 import torch
 
 from merging import MergeConfig, run_merge
-from studio.config import build_config
-from studio.lora_files import LoraModule, LoraSet, model_module_shapes, write_lora
-from studio.lora_random import default_targets
-from studio.orthogonal import ORTHO_RANK_KEY, ORTHO_SEED_KEY, ORTHO_SLICE_KEY, basis_slice
+from studio.core.lora_files import LoraModule, LoraSet, write_lora
+from studio.core.modules import model_module_shapes
+from studio.core.options import build_config
+from studio.core.orthogonal_basis import ORTHO_RANK_KEY, ORTHO_SEED_KEY, ORTHO_SLICE_KEY, basis_slice
+from tests.fixtures.lora_random import default_targets
 
 RANK = 2
 

@@ -6,9 +6,9 @@ import torch
 from merging import MergeConfig, run_merge
 from merging.sources import MergeSource
 from merging.ties_dare import dense_merge
-from studio.config import build_config
-from studio.lora_files import LoraModule, LoraSet, read_lora, write_lora
-from studio.lora_random import random_lora
+from studio.core.lora_files import LoraModule, LoraSet, read_lora, write_lora
+from studio.core.options import build_config
+from tests.fixtures.lora_random import random_lora
 
 PATH = "unet.mid_block.attentions.0.proj_out"
 

@@ -6,13 +6,14 @@ from PIL import Image
 from torch import nn
 
 from merging import MergeConfig, read_mergers, run_merge
-from merging.config import parse_source
 from merging.sources import Factors, load_sources
 from merging.ziplora_layer import ZipLoraLayer, ZipLoraModel
-from studio.config import build_config
-from studio.errors import ConfigError, StudioError
-from studio.lora_files import LoraSet, model_module_shapes, read_lora, write_lora
-from studio.lora_random import random_lora
+from studio.core.errors import ConfigError, StudioError
+from studio.core.lora_files import LoraSet, read_lora, write_lora
+from studio.core.lora_ref import parse_lora_ref
+from studio.core.modules import model_module_shapes
+from studio.core.options import build_config
+from tests.fixtures.lora_random import random_lora
 from tests.probes import unet_output
 
 FAST = {"steps": 6, "reference_count": 1, "reference_steps": 2, "eval_samples": 2, "probes": 8}
@@ -100,7 +101,7 @@ def test_ziplora_lowers_the_objective_and_its_file_is_the_merged_model(tiny_sd15
     # rebuild the merged model from the sources and the mergers stored in the file's metadata
     mergers = read_mergers(out)
     assert set(mergers) == set(read_lora(pa).modules) and result.sidecar is not None
-    sources, _ = load_sources([parse_source(str(pa)), parse_source(f"{pb}:0.8")])
+    sources, _ = load_sources([parse_lora_ref(str(pa)), parse_lora_ref(f"{pb}:0.8")])
     model = ZipLoraModel(fresh_sd15, {f"s{i}": s.factors() for i, s in enumerate(sources)})
     model.load_mergers({p: {f"s{k}": v for k, v in per.items()} for p, per in mergers.items()})
     with model.installed():
@@ -168,7 +169,7 @@ def test_ziplora_refusals(tiny_sd15, tmp_path):
 
 @pytest.mark.gpu
 def test_ziplora_on_cuda(tmp_path):
-    from studio.tiny import tiny_sd15_pipeline
+    from tests.fixtures.tiny import tiny_sd15_pipeline
 
     pipe = tiny_sd15_pipeline(seed=0).to("cuda")
     pa, pb = _pair(pipe, "sd15", tmp_path)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from studio.tiny import save_tiny, tiny_sd15_pipeline, tiny_sdxl_pipeline
+from tests.fixtures.tiny import save_tiny, tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 # Tiny models are dominated by per-op overhead; extra threads only contend on a shared 2-core machine.
 torch.set_num_threads(1)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from studio.cli import main
-from studio.config import PRESETS_DIR, build_config, load_preset
-from studio.lora_files import read_lora
+from studio.app.cli import main
+from studio.core.lora_files import read_lora
+from studio.core.options import PRESETS_DIR, build_config, load_preset
 from tests.trainers.conftest import make_images
 from trainers.config import TrainConfig
 
@@ -55,7 +55,7 @@ def test_cli_user_error_is_one_line(tmp_path, sd15_dir, capsys):
     assert code == 1 and err.startswith("error: data_dir:") and "Traceback" not in err
     assert err.count("\n") == 1, "found before the model is loaded: one line, nothing else"
     assert main(["train", "--preset", "style_sd15", "--set", "max_steps=-3"]) == 1
-    assert "max_steps must be 1 or more" in capsys.readouterr().err
+    assert "max_steps must be at least 1" in capsys.readouterr().err
 
 
 def test_print_config_merges_preset_flags_and_set(capsys):

@@ -7,8 +7,8 @@ import random
 import pytest
 from PIL import Image
 
-from studio.config import build_config
-from studio.errors import BadFileError, ConfigError
+from studio.core.errors import BadFileError, ConfigError
+from studio.core.options import build_config
 from tests.trainers.conftest import TINY, make_images
 from trainers.config import TrainConfig
 from trainers.data import (

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from studio.config import build_config
-from studio.errors import FamilyMismatchError
-from studio.lora_files import read_lora
-from studio.orthogonal import basis_slice, orthogonality_error
-from studio.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
+from studio.core.errors import FamilyMismatchError
+from studio.core.lora_files import read_lora
+from studio.core.options import build_config
+from studio.core.orthogonal_basis import basis_slice, orthogonality_error
+from tests.fixtures.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 from tests.probes import block_changes, changed_blocks
 from tests.trainers.conftest import TINY, make_images
 from trainers.config import TrainConfig

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from studio.config import build_config
-from studio.errors import ConfigError
-from studio.lora_files import read_lora
-from studio.tiny import tiny_sd15_pipeline
+from studio.core.errors import ConfigError
+from studio.core.lora_files import read_lora
+from studio.core.options import build_config
+from tests.fixtures.tiny import tiny_sd15_pipeline
 from tests.trainers.conftest import TINY
 from trainers.checkpoint import list_checkpoints
 from trainers.config import TrainConfig

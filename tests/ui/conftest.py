@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from studio.services import build_services
+from studio.app.services import build_services
 from ui.app import build_app
 
 

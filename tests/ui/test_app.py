@@ -10,7 +10,7 @@ import pytest
 from gradio_client import handle_file
 from PIL import Image
 
-from studio.cli import build_parser
+from studio.app.cli import build_parser
 from studio.demo.classifiers import load_judges
 
 

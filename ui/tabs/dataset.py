@@ -7,45 +7,23 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.datasets import add_image, dataset_images, import_images, write_caption
-from studio.demo.evaluate import STYLE, SUBJECT
-from studio.errors import ConfigError
+from studio.app.datasets import DEMO_SETS, dataset_images, write_caption
+from studio.core.errors import ConfigError
 from ui.forms import handler
-
-DEMO_SETS = {
-    "subject: a red heart (sks)": "subject",
-    f"style: {STYLE}": "style",
-}
 
 
 def add_images(services, name: str, files: list | None, caption: str) -> str:
     """Import uploaded files into datasets/<name>; unreadable files are skipped and named."""
-    ws = services.workspace
-    name = ws.check_name(name, "dataset name")
     if not files:
         raise ConfigError("choose one or more images to add")
     paths = [f if isinstance(f, str) else f.name for f in files]
-    return import_images(paths, ws.datasets / name, caption).summary()
+    return services.add_images(name, paths, caption).summary()
 
 
 def add_demo_set(services, name: str, which: str, count: int) -> str:
     """Write demo-world training images (with captions) into datasets/<name>."""
-    from studio.demo.world import WORLD
-
-    ws = services.workspace
-    name = ws.check_name(name, "dataset name")
-    kind = DEMO_SETS.get(which)
-    if kind == "subject":
-        samples = WORLD.dreambooth_set(n=count, shape=SUBJECT["shape"], colour=SUBJECT["colour"])
-    elif kind == "style":
-        samples = WORLD.style_set(STYLE, n=count)
-    else:
-        raise ConfigError(f"unknown demo set {which!r}; choose one of {', '.join(DEMO_SETS)}")
-    folder = ws.datasets / name
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, sample in enumerate(samples):
-        add_image(sample.image, folder / f"demo-{i:03d}.png", sample.caption)
-    return f"wrote {len(samples)} images with captions to datasets/{name}"
+    written = services.add_demo_set(name, which, count)
+    return f"wrote {written} images with captions to datasets/{name}"
 
 
 def set_caption(services, name: str, image: str, caption: str) -> str:

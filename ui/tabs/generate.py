@@ -6,50 +6,19 @@ import time
 
 import gradio as gr
 
-from studio.config import build_config
-from studio.generate_config import GenerateConfig, LoraSpec
-from ui.forms import Form, handler, model_choice, parse_weights
+from studio.app.form_configs import DEMO_MODELS
+from ui.forms import Form, handler
 
-MODELS = ["demo:sd15", "demo:sdxl"]
 MODES = ["merge", "switch", "composite"]
 
 
 def generate(services, values: dict) -> tuple[list, str]:
     """Make the images a form asks for; returns (images, a line saying what was made and where)."""
-    ws = services.workspace
-    loras = values.get("loras") or []
-    weights = parse_weights(values.get("weights", ""), len(loras))
-    stack = [LoraSpec(ws.resolve(path), w) for path, w in zip(loras, weights)]
-    size = int(values["size"]) or None
-    cfg = build_config(
-        GenerateConfig,
-        {
-            "prompt": values["prompt"],
-            "negative_prompt": values.get("negative_prompt", ""),
-            "model": model_choice(ws, values.get("model", "")),
-            "loras": stack,
-            "mode": values.get("mode", "merge"),
-            "steps": int(values["steps"]),
-            "cfg": float(values["cfg"]),
-            "seed": int(values["seed"]),
-            "width": size,
-            "height": size,
-            "batch_count": int(values["count"]),
-            "out": ws.outputs,
-            "b_lora_content": _b_lora(ws, values.get("b_lora_content")),
-            "b_lora_style": _b_lora(ws, values.get("b_lora_style")),
-        },
-    )
     started = time.time()
-    with services.generate_lock:  # one generation at a time: they share the loaded model (and the GPU)
-        results = services.generation.generate(cfg)
+    results = services.generate(values)
     names = ", ".join(r.path.name for r in results if r.path)
     info = f"{len(results)} image(s) in {time.time() - started:.1f} s, seeds {results[0].seed}..{results[-1].seed}"
     return [r.image for r in results], f"{info}; saved in outputs/: {names}"
-
-
-def _b_lora(ws, path: str | None) -> str | None:
-    return str(ws.resolve(path)) if path else None
 
 
 def build(services) -> None:
@@ -60,7 +29,7 @@ def build(services) -> None:
                 prompt = gr.Textbox(label="Prompt", value="a red circle on a blue background", lines=2)
                 negative = gr.Textbox(label="Negative prompt", lines=1)
                 model = gr.Dropdown(
-                    MODELS, value="demo:sd15", allow_custom_value=True, label="Base model",
+                    list(DEMO_MODELS), value="demo:sd15", allow_custom_value=True, label="Base model",
                     info="built-in demo model, or a diffusers folder / .safetensors file in the workspace",
                 )  # fmt: skip
                 with gr.Row():

@@ -2,48 +2,20 @@
 
 from __future__ import annotations
 
-import typing
+from pathlib import Path
 
 import gradio as gr
 
-from studio.config import build_config, config_to_dict
-from studio.errors import ConfigError
-from ui.forms import Form, handler, model_choice, parse_weights
-from ui.tabs.generate import MODELS
-
-
-def merge_methods() -> list[str]:
-    from merging.config import Method
-
-    return list(typing.get_args(Method))
+from studio.app.form_configs import DEMO_MODELS, merge_methods
+from ui.forms import Form, handler
 
 
 def submit_merge(services, values: dict) -> str:
-    """Build and check a MergeConfig from the form, queue it; returns a line naming the job."""
-    from merging import MergeConfig
-
-    ws = services.workspace
-    sources = values.get("sources") or []
-    if len(sources) < 2:
-        raise ConfigError("choose at least two LoRAs to merge")
-    weights = parse_weights(values.get("weights", ""), len(sources))
-    name = ws.check_name(values["name"], "output name")
-    options = {
-        "sources": [f"{ws.resolve(s)}:{w}" for s, w in zip(sources, weights)],
-        "method": values["method"],
-        "out": str(ws.loras / f"{name}.safetensors"),
-        "overwrite": bool(values.get("overwrite")),
-        "density": float(values["density"]),
-        "prompts": [p.strip() for p in (values.get("prompts") or "").split("|") if p.strip()],
-    }
-    if int(values.get("rank") or 0) > 0:
-        options["rank"] = int(values["rank"])
-    if values["method"].startswith("ziplora"):
-        options["model"] = model_choice(ws, values["model"])
-    cfg = build_config(MergeConfig, options)
-    cfg.check_complete()
-    job_id = services.jobs.submit("merge", config_to_dict(cfg), name)
-    return f"queued job {job_id}: {cfg.method} merge of {len(sources)} LoRAs into loras/{name}.safetensors"
+    """Queue a merge job from the form; returns a line naming the job."""
+    job_id, cfg = services.submit_merge(values)
+    return (
+        f"queued job {job_id}: {cfg.method} merge of {len(cfg.sources)} LoRAs into loras/{Path(cfg.out).name}"
+    )
 
 
 def build(services) -> None:
@@ -61,7 +33,7 @@ def build(services) -> None:
                     overwrite=gr.Checkbox(label="Replace an existing file of that name"),
                     rank=gr.Number(value=0, precision=0, label="Rank (svd/ties/dare; 0 = largest source rank)"),
                     density=gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Density (ties/dare/magnitude)"),
-                    model=gr.Dropdown(MODELS, value="demo:sd15", allow_custom_value=True,
+                    model=gr.Dropdown(list(DEMO_MODELS), value="demo:sd15", allow_custom_value=True,
                                       label="Base model (ZipLoRA)"),
                     prompts=gr.Textbox(label="ZipLoRA prompts, one per LoRA, separated by |",
                                        placeholder="a sks shape | a red circle, framed style"),

@@ -6,73 +6,20 @@ The config is checked before it is queued, so a bad option is reported at once, 
 
 from __future__ import annotations
 
-import tomllib
-
 import gradio as gr
 
-from studio.config import PRESETS_DIR, build_config, config_to_dict, load_preset
-from studio.errors import ConfigError
-from ui.forms import Form, handler, model_choice
-from ui.tabs.generate import MODELS
-
-METHODS = ["dreambooth", "style", "b_lora", "orthogonal"]
-
-
-def train_presets() -> list[str]:
-    return [""] + sorted(p.stem.removeprefix("train_") for p in PRESETS_DIR.glob("train_*.toml"))
+from studio.app.form_configs import DEMO_MODELS, training_methods
+from studio.core.options import preset_names
+from ui.forms import Form, handler
 
 
 def submit_training(services, values: dict) -> str:
-    """Build and check a TrainConfig from the form, queue it; returns a line naming the job."""
-    from trainers.config import TrainConfig
-
-    ws = services.workspace
-    name = ws.check_name(values["name"], "LoRA name")
-    dataset = ws.check_name(values["dataset"] or "", "dataset")
-    data_dir = ws.resolve(ws.datasets / dataset)
-    if not data_dir.is_dir():
-        raise ConfigError(f"no dataset {dataset!r}: make one in the Dataset tab first")
-    options = load_preset(f"train_{values['preset']}", "train") if values.get("preset") else {}
-    options |= {
-        "method": values["method"],
-        "model": model_choice(ws, values["model"]),
-        "data_dir": str(data_dir),
-        "output_dir": str(ws.runs / name),
-        "output_name": name,
-        "prompt": values["prompt"],
-        "max_steps": int(values["steps"]),
-        "rank": int(values["rank"]),
-        "learning_rate": float(values["learning_rate"]),
-        "batch_size": int(values["batch_size"]),
-        "resolution": int(values["resolution"]),
-    }
-    if int(values["resolution"]) < 256:  # the demo models' 64 px images need buckets that small
-        options |= {"min_bucket_reso": 64, "max_bucket_reso": 256, "bucket_step": 64}
-    if values.get("prior_preservation"):
-        options |= {
-            "prior_preservation": True,
-            "class_prompt": values["class_prompt"],
-            "class_data_dir": str(ws.runs / name / "class_images"),
-        }
-    if values["method"] == "b_lora":
-        options["split"] = (
-            True  # also write the content and style halves, for the Generate tab's B-LoRA mixing
-        )
-    options |= _more_options(values.get("more", ""))
-    cfg = build_config(TrainConfig, options)
-    job_id = services.jobs.submit("train", config_to_dict(cfg), name)
+    """Queue a training job from the form; returns a line naming the job."""
+    job_id, cfg = services.submit_training(values)
     return (
-        f"queued job {job_id}: {cfg.method} LoRA {name!r}, {cfg.max_steps} steps. Follow it in the Jobs tab."
+        f"queued job {job_id}: {cfg.method} LoRA {cfg.output_name!r}, {cfg.max_steps} steps. "
+        "Follow it in the Jobs tab."
     )
-
-
-def _more_options(text: str) -> dict:
-    if not (text or "").strip():
-        return {}
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"more options: not valid TOML ({exc}); write one key = value per line") from None
 
 
 def build(services) -> None:
@@ -81,11 +28,11 @@ def build(services) -> None:
         with gr.Row():
             with gr.Column():
                 with gr.Row():
-                    method = gr.Dropdown(METHODS, value="dreambooth", label="Method")
-                    preset = gr.Dropdown(train_presets(), value="", label="Preset (optional)")
+                    method = gr.Dropdown(training_methods(), value="dreambooth", label="Method")
+                    preset = gr.Dropdown(["", *preset_names("train")], value="", label="Preset (optional)")
                 with gr.Row():
                     model = gr.Dropdown(
-                        MODELS, value="demo:sd15", allow_custom_value=True, label="Base model"
+                        list(DEMO_MODELS), value="demo:sd15", allow_custom_value=True, label="Base model"
                     )
                     dataset = gr.Dropdown(ws.dataset_names(), label="Dataset", allow_custom_value=True)
                 name = gr.Textbox(label="LoRA name", value="my-lora")

@@ -1,0 +1,116 @@
+"""`lora-studio inspect FILE`: family, format, ranks, alphas, blocks, text-encoder parts, metadata, size."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from studio.core.blocks import block_of
+from studio.core.families import FAMILY_NAMES
+from studio.core.lora_files import LoraSet, read_lora
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("inspect", help="show what is inside a LoRA file", description=__doc__)
+    p.add_argument("files", nargs="+", type=Path, help="LoRA files (.safetensors)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also read pickle files (.pt/.ckpt/.bin): they can run code",
+    )
+    p.add_argument("--modules", action="store_true", help="list every module with its rank and alpha")
+    return p
+
+
+def describe(lora: LoraSet) -> dict:
+    """A JSON-friendly summary of a LoRA."""
+    per_block: dict[str, int] = {}
+    for path in lora.modules:
+        block = block_of(path) or "other"
+        per_block[block] = per_block.get(block, 0) + 1
+    text_parts = [c for c in lora.components if c.startswith("text_encoder")]
+    size = lora.path.stat().st_size if lora.path else None
+    n_params = sum(m.down.numel() + m.up.numel() for m in lora.modules.values())
+    dtypes = sorted({str(m.down.dtype).replace("torch.", "") for m in lora.modules.values()})
+    info = {
+        "file": str(lora.path) if lora.path else None,
+        "family": lora.family,
+        "format": lora.source_format,
+        "b_lora": lora.is_b_lora,
+        "modules": len(lora.modules),
+        "parameters": n_params,
+        "dtype": dtypes,
+        "ranks": lora.ranks,
+        "alphas": lora.alphas,
+        "conv_modules": sum(m.is_conv for m in lora.modules.values()),
+        "blocks": lora.blocks,
+        "modules_per_block": per_block,
+        "unet": "unet" in lora.components,
+        "text_encoders": text_parts,
+        "size_bytes": size,
+        "metadata": lora.metadata,
+    }
+    if lora.is_b_lora:
+        info["b_lora_parts"] = {
+            "content (OUT00, up_blocks.0.attentions.0)": per_block.get("OUT00", 0),
+            "style (OUT01, up_blocks.0.attentions.1)": per_block.get("OUT01", 0),
+        }
+    return info
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_summary(info: dict, lora: LoraSet, show_modules: bool) -> None:
+    fam = FAMILY_NAMES.get(info["family"], "unknown (could not tell from keys or metadata)")
+    te = ", ".join(info["text_encoders"]) or "none"
+    print(f"{info['file']}")
+    print(f"  family        {fam}")
+    print(f"  format        {info['format']}{'  (B-LoRA)' if info['b_lora'] else ''}")
+    print(
+        f"  modules       {info['modules']} ({info['conv_modules']} conv), {info['parameters']:,} parameters, {'/'.join(info['dtype'])}"
+    )
+    print(f"  rank          {', '.join(map(str, info['ranks']))}")
+    print(f"  alpha         {', '.join(f'{a:g}' for a in info['alphas'])}")
+    print(f"  unet          {'yes' if info['unet'] else 'no'}")
+    print(f"  text encoder  {te}")
+    blocks = ", ".join(f"{b}({n})" for b, n in info["modules_per_block"].items())
+    print(f"  blocks        {blocks}")
+    if info.get("b_lora_parts"):
+        for part, n in info["b_lora_parts"].items():
+            print(f"    {part}: {n} modules")
+    print(f"  size          {_human(info['size_bytes'])}")
+    if info["metadata"]:
+        print("  metadata")
+        for key in sorted(info["metadata"]):
+            value = info["metadata"][key]
+            value = value if len(value) <= 100 else value[:97] + "..."
+            print(f"    {key}: {value}")
+    if show_modules:
+        print("  modules")
+        for path, m in lora.modules.items():
+            alpha = m.alpha if m.alpha is not None else m.rank
+            print(f"    {block_of(path) or '-':6s} {path}  rank {m.rank}  alpha {alpha:g}")
+
+
+def run(args: argparse.Namespace) -> int:
+    infos = []
+    for path in args.files:
+        lora = read_lora(path, allow_pickle=args.allow_pickle)
+        info = describe(lora)
+        if args.json:
+            infos.append(info)
+        else:
+            print_summary(info, lora, args.modules)
+    if args.json:
+        print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
+    return 0

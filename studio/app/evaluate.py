@@ -1,0 +1,477 @@
+"""`lora-studio eval`: how well every method works, measured on the demo world by the world judges.
+
+Each row trains (or merges) LoRAs on the built-in demo model with the same code a user runs, generates
+images for prompts drawn from held-out seeds, and lets the judges say what the images show:
+
+- base: prompt adherence of the base model (shape / colour / background accuracy, chance level beside it);
+- dreambooth: "a sks shape on a <bg> background" before and after training on a held-out subject (a red
+  heart), with and without prior preservation; "kept" = the background still follows the prompt, and plain
+  world prompts still work with the LoRA loaded;
+- style: a held-out style (framed) learnt from 32 images; content (shape, colour, background) kept;
+- merge: subject LoRA + style LoRA merged by exact sum (concat), SVD, ZipLoRA and fast ZipLoRA; both the
+  subject and the style must be in the same image;
+- orthogonal: two subjects trained with orthogonal adaptation, each alone and after summing, against two
+  ordinary LoRAs summed the same way;
+- composition: the subject and style LoRAs generated together in merge, switch and composite modes;
+- b_lora: content-only, style-only and mixed B-LoRA transfers (needs the SDXL demo model).
+
+    lora-studio eval --out eval-report            # the recorded table: bench/results/eval_sd15.md
+    lora-studio eval --quick --out /tmp/eval      # a few images per row (what CI runs)
+
+The table, a JSON file and a PNG grid of example images are written to --out.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from studio.core.model_paths import demo_model_path
+from studio.demo.adherence import chance_levels, image_grid
+from studio.demo.classifiers import Judges, load_judges
+from studio.demo.concepts import STYLE, SUBJECT, SUBJECT_2
+from studio.demo.world import BACKGROUNDS, WORLD, Sample
+
+
+@dataclass
+class EvalPlan:
+    """What to run; defaults make the recorded table, `quick()` the CI version."""
+
+    out: Path
+    family: str = "sd15"
+    model: str | None = None  # another base model folder (default: the family's demo model)
+    images: int = 24  # generated images per measurement
+    seed: int = 5000  # prompts and noise come from seeds the base model never trained on
+    lora_steps: int = 300
+    lora_rank: int = 8
+    lora_lr: float = 1e-3
+    train_images: int = 8  # DreamBooth instance images
+    style_images: int = 32  # style LoRAs need more images than a subject to carry the style to new prompts
+    style_steps: int = 600
+    batch_size: int = 4
+    class_images: int = 16
+    steps: int = 20  # denoising steps per image
+    guidance: float = 7.5
+    ziplora_steps: int = 100
+    rows: Sequence[str] = ("base", "dreambooth", "style", "merge", "orthogonal", "composition", "b_lora")
+
+    @classmethod
+    def quick(cls, out: Path, **overrides) -> EvalPlan:
+        """A few images per row: the short version CI runs (same training, fewer measurements)."""
+        return cls(out=out, **({"images": 8, "class_images": 8} | overrides))
+
+
+@dataclass
+class Row:
+    """One measured line of the table; metrics are shares of judged images in [0, 1]."""
+
+    section: str
+    case: str
+    metrics: dict[str, float]
+    images: list[Image.Image] = field(default_factory=list, repr=False)
+    note: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def _backgrounds(plan: EvalPlan, avoid: Sequence[str]) -> list[str]:
+    """One background per image, cycling through the palette minus `avoid` (the subject's own colour)."""
+    options = [b for b in BACKGROUNDS if b not in avoid]
+    return [options[(plan.seed + i) % len(options)] for i in range(plan.images)]
+
+
+def subject_prompts(plan: EvalPlan, subject: dict, style: str | None = None) -> tuple[list[str], list[str]]:
+    """(prompts, backgrounds): "a sks shape on a blue background[, framed style]"."""
+    backgrounds = _backgrounds(plan, (subject["colour"],))
+    suffix = f", {style} style" if style else ""
+    prompts = [f"a {subject['token']} shape on a {bg} background{suffix}" for bg in backgrounds]
+    return prompts, backgrounds
+
+
+def world_prompts(plan: EvalPlan, style: str | None = None) -> tuple[list[str], list]:
+    """Canonical captions of base-world specs (optionally with a style word) and the specs."""
+    specs = WORLD.sample(plan.seed, plan.images, "base")
+    suffix = f", {style} style" if style else ""
+    return [WORLD.caption(s).split(",")[0] + suffix for s in specs], specs
+
+
+def subject_style_metrics(
+    verdict: dict[str, list[str]], subject: dict, style: str | None
+) -> dict[str, float]:
+    """Share of images showing the subject's shape; with `style`, also the style, and both at once."""
+    subject_hit = [v == subject["shape"] for v in verdict["shape"]]
+    metrics = {"subject": sum(subject_hit) / len(subject_hit)}
+    if style:
+        style_hit = [v == style for v in verdict["style"]]
+        metrics["style"] = sum(style_hit) / len(style_hit)
+        metrics["both"] = sum(a and b for a, b in zip(subject_hit, style_hit)) / len(style_hit)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ running
+class Evaluator:
+    """Runs the rows of a plan on one demo model; LoRAs are trained into plan.out/work."""
+
+    def __init__(self, plan: EvalPlan, log: Callable[[str], None] = print) -> None:
+        from studio.generation import GenerationService
+
+        self.plan = plan
+        self.log = log
+        self.model = plan.model or str(demo_model_path(plan.family))
+        self.work = plan.out / "work"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.judges: Judges = load_judges()
+        self.service = GenerationService()
+        self.loras: dict[str, Path] = {}
+
+    # ---------------------------------------------------------------- primitives
+    def generate(self, prompts: Sequence[str], loras: Sequence[tuple[Path, float]] = (), **extra) -> list:
+        """One image per prompt through the product's generation path, seeds plan.seed + i."""
+        from studio.core.options import build_config
+        from studio.generation import GenerateConfig, LoraSpec
+
+        images = []
+        for i, prompt in enumerate(prompts):
+            cfg = build_config(
+                GenerateConfig,
+                {
+                    "prompt": prompt,
+                    "model": self.model,
+                    "loras": [LoraSpec(Path(p), w) for p, w in loras],
+                    "seed": self.plan.seed + i,
+                    "steps": self.plan.steps,
+                    "cfg": self.plan.guidance,
+                    "width": 64,
+                    "height": 64,
+                    "device": "cpu",
+                    "dtype": "fp32",
+                    "fuse": "off",
+                }
+                | extra,
+            )
+            images.extend(r.image for r in self.service.generate(cfg, save=False))
+        return images
+
+    def judge(self, images: Sequence[Image.Image]) -> dict[str, list[str]]:
+        return {name: pred.labels for name, pred in self.judges.judge(images).items()}
+
+    def write_set(self, name: str, samples: Sequence[Sample]) -> Path:
+        """A training folder: PNG + caption .txt per sample."""
+        folder = self.work / "data" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, sample in enumerate(samples):
+            sample.image.save(folder / f"{i:03d}.png")
+            (folder / f"{i:03d}.txt").write_text(sample.caption)
+        return folder
+
+    def train(self, name: str, method: str, data: Path, **options) -> Path:
+        """Train a LoRA with the studio's trainer (cached in work/ across rows)."""
+        if name in self.loras:
+            return self.loras[name]
+        from studio.core.options import build_config
+        from trainers.config import TrainConfig
+        from trainers.loop import train
+
+        p = self.plan
+        values = {
+            "method": method,
+            "model": self.model,
+            "data_dir": str(data),
+            "output_dir": str(self.work / "loras"),
+            "output_name": name,
+            "overwrite": True,
+            "save_dtype": "fp32",
+            "resolution": 64,
+            "bucket_step": 64,
+            "min_bucket_reso": 64,
+            "max_bucket_reso": 64,
+            "rank": p.lora_rank,
+            "alpha": p.lora_rank,
+            "learning_rate": p.lora_lr,
+            "max_steps": p.lora_steps,
+            "batch_size": p.batch_size,
+            "lr_scheduler": "constant",
+            "device": "cpu",
+            "mixed_precision": "no",
+            "seed": 0,
+            "progress_bar": False,
+        } | options
+        started = time.time()
+        result = train(build_config(TrainConfig, values))
+        self.log(f"  trained {name} ({method}, {values['max_steps']} steps) in {time.time() - started:.0f} s")
+        self.loras[name] = result.path
+        return result.path
+
+    def merge(self, name: str, method: str, sources: Sequence[str], **options) -> Path:
+        from merging import MergeConfig, run_merge
+        from studio.core.options import build_config
+
+        out = self.work / "loras" / f"{name}.safetensors"
+        values = {"sources": list(sources), "method": method, "out": str(out), "overwrite": True} | options
+        started = time.time()
+        run_merge(build_config(MergeConfig, values))
+        self.log(f"  merged {name} ({method}) in {time.time() - started:.0f} s")
+        return out
+
+    # ---------------------------------------------------------------- LoRAs used by several rows
+    def subject_lora(
+        self, subject: dict = SUBJECT, prior: bool = False, method: str = "dreambooth", **kw
+    ) -> Path:
+        samples = WORLD.dreambooth_set(
+            n=self.plan.train_images, shape=subject["shape"], colour=subject["colour"], token=subject["token"]
+        )
+        data = self.write_set(f"subject_{subject['shape']}", samples)
+        options = {"prompt": f"a {subject['token']} shape", "use_captions": True} | kw
+        if prior:
+            options |= {
+                "prior_preservation": True,
+                "class_prompt": "a shape on a blue background",
+                "class_data_dir": str(self.work / "data" / "class"),
+                "num_class_images": self.plan.class_images,
+                "class_generation_steps": self.plan.steps,
+            }
+        name = f"{method}_{subject['shape']}" + ("_prior" if prior else "")
+        return self.train(name, method, data, **options)
+
+    def style_lora(self) -> Path:
+        data = self.write_set(f"style_{STYLE}", WORLD.style_set(STYLE, n=self.plan.style_images))
+        return self.train(f"style_{STYLE}", "style", data, max_steps=self.plan.style_steps)
+
+    # ---------------------------------------------------------------- measurements
+    def subject_row(
+        self, section: str, case: str, loras, subject: dict = SUBJECT, style: str | None = None, **extra
+    ) -> Row:
+        """Subject fidelity (judged shape is the subject's) and kept background; with `style`, the style too.
+        `extra` are generation options (mode, tau)."""
+        prompts, backgrounds = subject_prompts(self.plan, subject, style)
+        images = self.generate(prompts, loras, **extra)
+        verdict = self.judge(images)
+        metrics = subject_style_metrics(verdict, subject, style)
+        metrics["background"] = sum(b == bg for b, bg in zip(verdict["background"], backgrounds)) / len(
+            images
+        )
+        return Row(section, case, metrics, images)
+
+    def world_row(self, section: str, case: str, loras=(), style: str | None = None) -> Row:
+        """Adherence to plain world prompts (content), and with `style` the share drawn in that style."""
+        prompts, specs = world_prompts(self.plan, style)
+        images = self.generate(prompts, loras)
+        verdict = self.judge(images)
+        n = len(images)
+        hits = {
+            a: [p == getattr(s, a) for p, s in zip(verdict[a], specs)]
+            for a in ("shape", "colour", "background")
+        }
+        metrics = {a: sum(h) / n for a, h in hits.items()}
+        metrics["all"] = sum(all(t) for t in zip(*hits.values())) / n
+        if style:
+            metrics["style"] = sum(s == style for s in verdict["style"]) / n
+        return Row(section, case, metrics, images)
+
+    # ---------------------------------------------------------------- rows
+    def rows_base(self) -> list[Row]:
+        row = self.world_row("base", "base model, world prompts")
+        specs = world_prompts(self.plan)[1]
+        chance = chance_levels(specs)
+        row.note = "chance: " + ", ".join(f"{a} {chance[a]:.2f}" for a in ("shape", "colour", "background"))
+        real = self.judge([WORLD.render(s) for s in specs])
+        ceiling = sum(p == s.shape for p, s in zip(real["shape"], specs)) / len(specs)
+        row.note += f"; judges on the real renders: shape {ceiling:.2f}"
+        return [row]
+
+    def rows_dreambooth(self) -> list[Row]:
+        plain, prior = self.subject_lora(), self.subject_lora(prior=True)
+        rows = [
+            self.subject_row("dreambooth", "before training (base model)", []),
+            self.subject_row("dreambooth", "after, no prior preservation", [(plain, 1.0)]),
+            self.subject_row("dreambooth", "after, prior preservation", [(prior, 1.0)]),
+            self.world_row("dreambooth", "world prompts, LoRA loaded (no prior)", [(plain, 1.0)]),
+            self.world_row("dreambooth", "world prompts, LoRA loaded (prior)", [(prior, 1.0)]),
+        ]
+        return rows
+
+    def rows_style(self) -> list[Row]:
+        lora = self.style_lora()
+        return [
+            self.world_row("style", "before training (base model)", [], style=STYLE),
+            self.world_row("style", "after training", [(lora, 1.0)], style=STYLE),
+        ]
+
+    def rows_merge(self) -> list[Row]:
+        subject, style = self.subject_lora(), self.style_lora()
+        sources = [f"{subject}:1.0", f"{style}:1.0"]
+        prompts = [f"a {SUBJECT['token']} shape", f"a red circle on a blue background, {STYLE} style"]
+        merged = {
+            "exact sum (concat)": self.merge("merge_concat", "concat", sources),
+            "SVD to rank 8": self.merge("merge_svd", "svd", sources, rank=self.plan.lora_rank),
+            "ZipLoRA": self.merge(
+                "merge_ziplora", "ziplora", sources, model=self.model, prompts=prompts,
+                steps=self.plan.ziplora_steps, device="cpu",
+            ),
+            "ZipLoRA fast": self.merge(
+                "merge_ziplora_fast", "ziplora-fast", sources, model=self.model, prompts=prompts, device="cpu"
+            ),
+        }  # fmt: skip
+        rows = [self.subject_row("merge", "subject LoRA alone", [(subject, 1.0)], style=STYLE)]
+        rows.append(self.subject_row("merge", "style LoRA alone", [(style, 1.0)], style=STYLE))
+        for case, path in merged.items():
+            rows.append(self.subject_row("merge", case, [(path, 1.0)], style=STYLE))
+        return rows
+
+    def rows_orthogonal(self) -> list[Row]:
+        rows: list[Row] = []
+        for kind, method in (("orthogonal", "orthogonal"), ("ordinary", "dreambooth")):
+            files = []
+            for index, subject in enumerate((SUBJECT, SUBJECT_2)):
+                extra = {"ortho_slice": index, "ortho_num_concepts": 2} if method == "orthogonal" else {}
+                files.append(self.subject_lora(subject, method=method, **extra))
+            merged = self.merge(f"{kind}_sum", "orthogonal" if kind == "orthogonal" else "concat",
+                                [f"{f}:1.0" for f in files])  # fmt: skip
+            for subject, alone in zip((SUBJECT, SUBJECT_2), files):
+                rows.append(
+                    self.subject_row(
+                        "orthogonal", f"{kind}: {subject['shape']} alone", [(alone, 1.0)], subject
+                    )
+                )
+                rows.append(
+                    self.subject_row(
+                        "orthogonal", f"{kind}: {subject['shape']} after sum", [(merged, 1.0)], subject
+                    )
+                )
+        return rows
+
+    def rows_composition(self) -> list[Row]:
+        loras = [(self.subject_lora(), 1.0), (self.style_lora(), 1.0)]
+        return [
+            self.subject_row("composition", "mode merge", loras, style=STYLE, mode="merge"),
+            self.subject_row("composition", "mode switch (tau 2)", loras, style=STYLE, mode="switch", tau=2),
+            self.subject_row("composition", "mode composite", loras, style=STYLE, mode="composite"),
+        ]
+
+    def rows_b_lora(self) -> list[Row]:
+        """B-LoRA on the SDXL demo model: one image of the subject, one image in the style, then content
+        alone, style alone and content of one with style of the other (the paper's transfers)."""
+        if self.plan.family != "sdxl":
+            return [Row("b_lora", "content / style / mixed transfer", {}, note="run with --family sdxl")]
+        subject_image = WORLD.dreambooth_set(n=1, shape=SUBJECT["shape"], colour=SUBJECT["colour"])[0]
+        style_spec = WORLD.style_set(STYLE, n=1)[0].spec
+        files = {}
+        for name, image, token in (
+            ("content", subject_image.image, "sks"),
+            ("style", WORLD.render(style_spec), "zwx"),
+        ):
+            data = self.write_set(f"b_lora_{name}", [Sample(image, f"a {token}", None)])
+            self.train(f"b_lora_{name}", "b_lora", data, prompt=f"a {token}", use_captions=False, split=True)
+            files[name] = self.work / "loras" / f"b_lora_{name}"
+        content = f"{files['content']}_content.safetensors"
+        style = f"{files['style']}_style.safetensors"
+        backgrounds = _backgrounds(self.plan, (SUBJECT["colour"],))
+        specs = WORLD.sample(self.plan.seed, self.plan.images, "base")
+        cases = {
+            "content only (sks)": (
+                [f"a sks shape on a {bg} background" for bg in backgrounds],
+                {"b_lora_content": content},
+            ),
+            "style only (zwx)": (
+                [WORLD.caption(s).split(",")[0] + ", zwx style" for s in specs],
+                {"b_lora_style": style},
+            ),
+            "content sks + style zwx": (
+                [f"a sks shape on a {bg} background, zwx style" for bg in backgrounds],
+                {"b_lora_content": content, "b_lora_style": style},
+            ),
+        }
+        rows = []
+        for case, (prompts, extra) in cases.items():
+            images = self.generate(prompts, (), **extra)
+            rows.append(
+                Row("b_lora", case, subject_style_metrics(self.judge(images), SUBJECT, STYLE), images)
+            )
+        return rows
+
+    def run(self) -> list[Row]:
+        rows: list[Row] = []
+        for name in self.plan.rows:
+            self.log(f"{name} ...")
+            started = time.time()
+            rows.extend(getattr(self, f"rows_{name}")())
+            self.log(f"{name}: {time.time() - started:.0f} s")
+        return rows
+
+
+# ------------------------------------------------------------------------------------------------ report
+METRIC_ORDER = ("subject", "style", "both", "shape", "colour", "background", "all")
+
+
+def table(rows: Sequence[Row]) -> str:
+    """Markdown table: one line per row, one column per metric (blank where not measured)."""
+    lines = [
+        "| section | case | " + " | ".join(METRIC_ORDER) + " | note |",
+        "|---|---|" + "---|" * (len(METRIC_ORDER) + 1),
+    ]
+    for r in rows:
+        cells = [f"{r.metrics[m]:.2f}" if m in r.metrics else "" for m in METRIC_ORDER]
+        lines.append(f"| {r.section} | {r.case} | " + " | ".join(cells) + f" | {r.note} |")
+    return "\n".join(lines)
+
+
+def write_report(plan: EvalPlan, rows: Sequence[Row], seconds: float, command: str) -> dict:
+    """eval.md, eval.json and eval_grid.png (up to 8 images per row) in plan.out."""
+    plan.out.mkdir(parents=True, exist_ok=True)
+    data = {
+        "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
+        "command": command,
+        "seconds": round(seconds),
+        "torch": torch.__version__,
+        "rows": [{"section": r.section, "case": r.case, "metrics": r.metrics, "note": r.note} for r in rows],
+    }
+    (plan.out / "eval.json").write_text(json.dumps(data, indent=2) + "\n")
+    text = (
+        f"# Demo-world evaluation ({plan.family})\n\n"
+        f"Command: `{command}`  \nSeeds: prompts and noise from seed {plan.seed} on; LoRAs trained with seed 0.  \n"
+        f"{plan.images} images per line, {plan.steps} denoising steps, CFG {plan.guidance}; LoRAs rank "
+        f"{plan.lora_rank}, {plan.lora_steps} steps, batch {plan.batch_size}, lr {plan.lora_lr}, "
+        f"{plan.train_images} training images (style: {plan.style_images} images, {plan.style_steps} steps). Took {seconds / 60:.1f} min.\n\n"
+        "Numbers are shares of generated images the judges read as asked: subject = the held-out shape "
+        f"({SUBJECT['shape']} for {SUBJECT['token']}, {SUBJECT_2['shape']} for {SUBJECT_2['token']}), style = "
+        f"{STYLE}, both = subject and style in the same image, shape/colour/background = as the prompt says.\n\n"
+        + table(rows)
+        + "\n"
+    )
+    (plan.out / "eval.md").write_text(text)
+    shown = [
+        im
+        for r in rows
+        for im in (r.images[:8] + [Image.new("RGB", (64, 64), (128, 128, 128))] * (8 - len(r.images[:8])))
+        if r.images
+    ]
+    if shown:
+        image_grid(shown, columns=8).save(plan.out / "eval_grid.png")
+    return data
+
+
+def evaluate(plan: EvalPlan, command: str = "lora-studio eval", log: Callable[[str], None] = print) -> dict:
+    """Run every row of `plan` and write the report; returns the JSON data."""
+    torch.manual_seed(0)
+    started = time.time()
+    rows = Evaluator(plan, log).run()
+    return write_report(plan, rows, time.time() - started, command)
+
+
+def check_against(recorded: dict, measured: dict, margin: float) -> list[str]:
+    """Lines where a measured number fell more than `margin` below the recorded one."""
+    old = {(r["section"], r["case"]): r["metrics"] for r in recorded["rows"]}
+    failures = []
+    for row in measured["rows"]:
+        for metric, value in row["metrics"].items():
+            before = old.get((row["section"], row["case"]), {}).get(metric)
+            if before is not None and value < before - margin:
+                failures.append(
+                    f"{row['section']} / {row['case']} / {metric}: {value:.2f} < recorded {before:.2f} - {margin}"
+                )
+    return failures

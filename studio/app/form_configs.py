@@ -1,0 +1,152 @@
+"""What the page asks for, turned into checked configs over the workspace: training, merging, generation.
+
+The page sends plain values (a dict of form fields); these functions build the typed config, resolve every
+path it will use inside the workspace, and check it, so a bad option is reported at once, not minutes
+later in a job.
+
+    >>> cfg = train_config(workspace, {"method": "style", "dataset": "art", "name": "art", ...})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+from studio.app.workspace import Workspace
+from studio.core.errors import ConfigError
+from studio.core.options import build_config, load_preset
+
+DEMO_MODELS = ("demo:sd15", "demo:sdxl")
+
+
+def model_choice(ws: Workspace, text: str) -> str:
+    """'demo:sd15' / 'demo:sdxl' as they are; any other model path must lie inside the workspace."""
+    text = (text or "").strip()
+    if not text or text.startswith("demo:"):
+        return text or "demo:sd15"
+    return str(ws.resolve(text))
+
+
+def parse_weights(text: str, count: int) -> list[float]:
+    """'1, 0.8' -> [1.0, 0.8]; missing weights are 1.0."""
+    parts = [p.strip() for p in (text or "").replace(";", ",").split(",") if p.strip()]
+    if len(parts) > count:
+        raise ConfigError(f"{len(parts)} weights for {count} LoRA(s): give one weight per selected LoRA")
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"weights {text!r}: write numbers separated by commas, e.g. 1, 0.8") from None
+    return weights + [1.0] * (count - len(weights))
+
+
+def more_options(text: str) -> dict[str, Any]:
+    """The "more options" TOML of the Train tab as a dict."""
+    if not (text or "").strip():
+        return {}
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"more options: not valid TOML ({exc}); write one key = value per line") from None
+
+
+def train_config(ws: Workspace, values: dict[str, Any]):
+    """A checked TrainConfig from the Train tab's fields: a workspace dataset in, runs/<name>/ out."""
+    from trainers.config import TrainConfig
+
+    name = ws.check_name(values["name"], "LoRA name")
+    dataset = ws.check_name(values["dataset"] or "", "dataset")
+    data_dir = ws.resolve(ws.datasets / dataset)
+    if not data_dir.is_dir():
+        raise ConfigError(f"no dataset {dataset!r}: make one in the Dataset tab first")
+    options = load_preset(values["preset"], "train") if values.get("preset") else {}
+    options |= {
+        "method": values["method"],
+        "model": model_choice(ws, values["model"]),
+        "data_dir": str(data_dir),
+        "output_dir": str(ws.runs / name),
+        "output_name": name,
+        "prompt": values["prompt"],
+        "max_steps": int(values["steps"]),
+        "rank": int(values["rank"]),
+        "learning_rate": float(values["learning_rate"]),
+        "batch_size": int(values["batch_size"]),
+        "resolution": int(values["resolution"]),
+    }
+    if int(values["resolution"]) < 256:  # the demo models' 64 px images need buckets that small
+        options |= {"min_bucket_reso": 64, "max_bucket_reso": 256, "bucket_step": 64}
+    if values.get("prior_preservation"):
+        options |= {
+            "prior_preservation": True,
+            "class_prompt": values["class_prompt"],
+            "class_data_dir": str(ws.runs / name / "class_images"),
+        }
+    if values["method"] == "b_lora":  # also write the content and style halves, for B-LoRA mixing
+        options["split"] = True
+    options |= more_options(values.get("more", ""))
+    return build_config(TrainConfig, options)
+
+
+def merge_config(ws: Workspace, values: dict[str, Any]):
+    """A checked MergeConfig from the Merge tab's fields: workspace LoRAs in, loras/<name>.safetensors out."""
+    from merging import MergeConfig
+
+    sources = values.get("sources") or []
+    if len(sources) < 2:
+        raise ConfigError("choose at least two LoRAs to merge")
+    weights = parse_weights(values.get("weights", ""), len(sources))
+    name = ws.check_name(values["name"], "output name")
+    options = {
+        "sources": [f"{ws.resolve(s)}:{w}" for s, w in zip(sources, weights)],
+        "method": values["method"],
+        "out": str(ws.loras / f"{name}.safetensors"),
+        "overwrite": bool(values.get("overwrite")),
+        "density": float(values["density"]),
+        "prompts": [p.strip() for p in (values.get("prompts") or "").split("|") if p.strip()],
+    }
+    if int(values.get("rank") or 0) > 0:
+        options["rank"] = int(values["rank"])
+    if values["method"].startswith("ziplora"):
+        options["model"] = model_choice(ws, values["model"])
+    return build_config(MergeConfig, options)
+
+
+def generate_config(ws: Workspace, values: dict[str, Any]):
+    """A checked GenerateConfig from the Generate tab's fields; images go to the workspace's outputs/."""
+    from studio.generation import GenerateConfig, LoraSpec
+
+    loras = values.get("loras") or []
+    weights = parse_weights(values.get("weights", ""), len(loras))
+    stack = [LoraSpec(ws.resolve(path), w) for path, w in zip(loras, weights)]
+    size = int(values["size"]) or None
+    b_lora = {part: str(ws.resolve(values[part])) if values.get(part) else None
+              for part in ("b_lora_content", "b_lora_style")}  # fmt: skip
+    return build_config(
+        GenerateConfig,
+        {
+            "prompt": values["prompt"],
+            "negative_prompt": values.get("negative_prompt", ""),
+            "model": model_choice(ws, values.get("model", "")),
+            "loras": stack,
+            "mode": values.get("mode", "merge"),
+            "steps": int(values["steps"]),
+            "cfg": float(values["cfg"]),
+            "seed": int(values["seed"]),
+            "width": size,
+            "height": size,
+            "batch_count": int(values["count"]),
+            "out": ws.outputs,
+            **b_lora,
+        },
+    )
+
+
+def merge_methods() -> list[str]:
+    from merging.config import METHODS
+
+    return list(METHODS)
+
+
+def training_methods() -> list[str]:
+    from trainers.config import METHODS
+
+    return list(METHODS)

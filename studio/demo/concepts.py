@@ -1,0 +1,12 @@
+"""The held-out concepts of the demo world that LoRAs learn: subjects (a shape in one colour) and a style.
+
+The demo models never saw them in training; `lora-studio eval` and the page's demo datasets use them.
+"""
+
+from __future__ import annotations
+
+SUBJECT = {"shape": "heart", "colour": "red", "token": "sks"}
+SUBJECT_2 = {"shape": "moon", "colour": "yellow", "token": "zwx"}
+# A held-out style LoRAs can learn here; the striped / dotted / pixel textures stay out of their reach at 8x8
+# latents (measured: bench/results/eval_sd15.md notes).
+STYLE = "framed"
