@@ -7,8 +7,8 @@ Layouts (what LoRA code sees) are those of the real models; only widths and dept
 - SDXL: down blocks DownBlock2D + 2 x CrossAttnDownBlock2D, up blocks 2 x CrossAttnUpBlock2D + UpBlock2D
   (up_blocks.0.attentions.0/1 are B-LoRA's content/style blocks), "text_time" size conditioning,
   CLIPTextModel + CLIPTextModelWithProjection, use_linear_projection True.
-- Both: AutoencoderKL mapping 64 x 64 RGB to 8 x 8 x 4 latents; text encoders keep CLIP's 49408-token
-  vocabulary and 77 positions.
+- Both: AutoencoderKL mapping RGB to latents 8x smaller (64 px -> 8 x 8 x 4; the 128 px world's models
+  16 x 16 x 4); text encoders keep CLIP's 49408-token vocabulary and 77 positions.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ TEXT_WIDTH = 32  # hidden size of every demo text encoder
 SDXL_TIME_EMBED = 8  # addition_time_embed_dim: 6 size numbers x 8 = 48 inputs
 
 
-def build_vae() -> AutoencoderKL:
-    """A small KL autoencoder: 64 px RGB <-> 8 x 8 x 4 latents (three downsamplings, like SD's VAE)."""
+def build_vae(image_size: int = 64) -> AutoencoderKL:
+    """A small KL autoencoder: RGB <-> latents 8x smaller, 4 channels (three downsamplings, like SD's VAE)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -35,7 +35,7 @@ def build_vae() -> AutoencoderKL:
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=2,  # few channels: per-channel (instance) norm would erase flat colours
-        sample_size=64,
+        sample_size=image_size,
         scaling_factor=1.0,  # set from the data after training
     )
 
@@ -64,11 +64,12 @@ def build_text_encoders(family: str) -> list[CLIPTextModel]:
     return [CLIPTextModel(text_config(False, EOS_ID)), CLIPTextModelWithProjection(text_config(True, 0))]
 
 
-def build_unet(family: str) -> UNet2DConditionModel:
-    """The denoiser in the family's block layout, sized for 8 x 8 latents."""
+def build_unet(family: str, image_size: int = 64) -> UNet2DConditionModel:
+    """The denoiser in the family's block layout, for latents of image_size / 8 (8 x 8 at 64 px; at 128 px
+    16 x 16, where SDXL's up_blocks.0, B-LoRA's blocks, work on 4 x 4 maps)."""
     if check_family(family) == "sd15":
         return UNet2DConditionModel(
-            sample_size=8,
+            sample_size=image_size // 8,
             in_channels=4,
             out_channels=4,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -81,7 +82,7 @@ def build_unet(family: str) -> UNet2DConditionModel:
             use_linear_projection=False,
         )
     return UNet2DConditionModel(
-        sample_size=8,
+        sample_size=image_size // 8,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

@@ -33,7 +33,7 @@ from studio.core.io import atomic_write_text
 from studio.core.tokenizers import EOS, clip_tokenizer, write_tokenizer_files
 from studio.demo.architectures import build_text_encoders, build_unet, build_vae, train_scheduler
 from studio.demo.pipelines import assemble_pipeline, encode_text, time_ids
-from studio.demo.world import ATTRIBUTES, WORLD
+from studio.demo.world import World, world_for
 
 # Words whose token rows are kept (randomly initialised) in the shipped text encoders although the base
 # training never shows them: held-out subjects and styles, and the usual DreamBooth / TI trigger words.
@@ -41,6 +41,7 @@ RESERVED_WORDS = (
     "sks",
     "ohwx",
     "zwx",
+    "bnha",
     "photo",
     "of",
     "in",
@@ -62,6 +63,7 @@ class TrainPlan:
     out: str
     work: str
     seed: int = 0
+    image_size: int = 64  # the world's image size: 64 (the built-in models) or 128 (16 x 16 latents)
     vae_from: str | None = None  # reuse a trained VAE folder instead of training one
     vae_images: int = 12000  # world images (split "all") for the VAE
     vae_steps: int = 400
@@ -78,10 +80,10 @@ class TrainPlan:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def render_images(seed: int, n: int, split: str) -> tuple[torch.Tensor, list]:
-    """`n` world images from `split` as uint8 (n, 3, 64, 64), with their specs."""
-    specs = WORLD.sample(seed, n, split)
-    arr = np.stack([np.asarray(WORLD.render(s)) for s in specs])
+def render_images(world: World, seed: int, n: int, split: str) -> tuple[torch.Tensor, list]:
+    """`n` world images from `split` as uint8 (n, 3, size, size), with their specs."""
+    specs = world.sample(seed, n, split)
+    arr = np.stack([np.asarray(world.render(s)) for s in specs])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), specs
 
 
@@ -110,7 +112,7 @@ def _load_checkpoint(path: Path) -> dict | None:
 # ------------------------------------------------------------------------------------------------ VAE
 def train_vae(plan: TrainPlan, work: Path) -> AutoencoderKL:
     """Train the autoencoder on all of the world (held-out shapes and styles too: LoRAs need them later)."""
-    vae = build_vae()
+    vae = build_vae(plan.image_size)
     with torch.no_grad():  # start nearly deterministic (posterior std ~0.02), as a trained SD VAE is
         logvar = slice(vae.config.latent_channels, None)
         vae.quant_conv.weight[logvar] *= 0.01
@@ -126,7 +128,7 @@ def train_vae(plan: TrainPlan, work: Path) -> AutoencoderKL:
         print(f"vae: resuming at step {step}", flush=True)
     if step >= plan.vae_steps:
         return vae.eval()
-    images, _ = render_images(plan.seed, plan.vae_images, "all")
+    images, _ = render_images(world_for(plan.image_size), plan.seed, plan.vae_images, "all")
     gen = torch.Generator().manual_seed(plan.seed * 1000 + step)
     started, last_save = time.time(), time.time()
     vae.train()
@@ -179,13 +181,15 @@ def load_vae(folder: Path) -> AutoencoderKL:
 
 
 # ------------------------------------------------------------------------------------------------ text
-def keep_token_rows(text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence, seed: int) -> list[int]:
+def keep_token_rows(
+    text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence, seed: int, world: World
+) -> list[int]:
     """Zero the embedding rows of tokens the demo never uses, so shipped files are mostly zeros.
 
     Kept: every token of the world's vocabulary (held-out words too), RESERVED_WORDS and special tokens.
     Rows of unused tokens get no gradient, so they stay zero through training.
     """
-    words = [w for values in ATTRIBUTES.values() for w in values]
+    words = [w for values in world.attributes().values() for w in values]
     words += ["a", "on", "background", "shape", ",", *RESERVED_WORDS]
     keep: set[int] = set()
     for tok in tokenizers:
@@ -236,11 +240,12 @@ def _ema_update(ema: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module
 def train_unet(plan: TrainPlan, work: Path, vae: AutoencoderKL) -> dict[str, torch.nn.Module]:
     """Train UNet + text encoders with the epsilon objective on captioned base-split latents."""
     torch.manual_seed(plan.seed)
-    unet, text_encoders = build_unet(plan.family), build_text_encoders(plan.family)
+    world = world_for(plan.image_size)
+    unet, text_encoders = build_unet(plan.family, plan.image_size), build_text_encoders(plan.family)
     tokenizers = (
         [clip_tokenizer()] if plan.family == "sd15" else [clip_tokenizer(), clip_tokenizer(pad_token="!")]
     )
-    keep_token_rows(text_encoders, tokenizers, plan.seed)
+    keep_token_rows(text_encoders, tokenizers, plan.seed, world)
     modules = {"unet": unet} | {
         f"text_encoder{'' if i == 0 else '_2'}": te for i, te in enumerate(text_encoders)
     }
@@ -260,10 +265,10 @@ def train_unet(plan: TrainPlan, work: Path, vae: AutoencoderKL) -> dict[str, tor
         cached = load_file(str(latents_file))
         mean, std = cached["mean"], cached["std"]
     else:
-        images, _ = render_images(plan.seed + 1, plan.unet_images, "base")
+        images, _ = render_images(world, plan.seed + 1, plan.unet_images, "base")
         mean, std = encode_latents(vae, images)
         save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(latents_file))
-    specs = WORLD.sample(plan.seed + 1, plan.unet_images, "base")
+    specs = world.sample(plan.seed + 1, plan.unet_images, "base")
     scale = vae.config.scaling_factor
     scheduler = train_scheduler()
     alphas = scheduler.alphas_cumprod
@@ -289,7 +294,7 @@ def train_unet(plan: TrainPlan, work: Path, vae: AutoencoderKL) -> dict[str, tor
         idx = torch.randint(0, len(mean), (plan.unet_batch,), generator=gen)
         x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
         drop = [rng.random() < plan.caption_dropout for _ in idx]
-        captions = ["" if d else WORLD.caption_variant(specs[i], rng) for d, i in zip(drop, idx.tolist())]
+        captions = ["" if d else world.caption_variant(specs[i], rng) for d, i in zip(drop, idx.tolist())]
         embeds, pooled = encode_text(text_encoders, ids_of(captions), plan.family)
         if plan.family == "sdxl":  # half of the dropped captions become zeros (force_zeros_for_empty_prompt)
             zero = torch.tensor([d and rng.random() < 0.5 for d in drop])[:, None]
@@ -300,7 +305,7 @@ def train_unet(plan: TrainPlan, work: Path, vae: AutoencoderKL) -> dict[str, tor
         noisy = scheduler.add_noise(x0, noise, t)
         extra = {}
         if plan.family == "sdxl":
-            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids(len(idx))}}
+            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids(len(idx), plan.image_size)}}
         pred = unet(noisy, t, embeds, **extra).sample
         weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 weighting of the epsilon loss
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
@@ -346,7 +351,7 @@ def run(plan: TrainPlan, command: str) -> Path:
     else:
         vae = train_vae(plan, work)
         if vae.config.scaling_factor == 1.0:
-            images, _ = render_images(plan.seed + 1, 2000, "base")
+            images, _ = render_images(world_for(plan.image_size), plan.seed + 1, 2000, "base")
             mean, _ = encode_latents(vae, images)
             vae.register_to_config(scaling_factor=round(float(1.0 / mean.std()), 5))
     vae_minutes = (time.time() - t0) / 60

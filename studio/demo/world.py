@@ -30,7 +30,10 @@ SPLITS: tuple[str, ...] = ("base", "holdout_subject", "holdout_style", "all")
 
 BASE_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 HOLDOUT_SHAPES: tuple[str, ...] = ("heart", "moon")
+# The 128 px world holds two more subjects out, so that merges of 3 to 5 concepts can be measured.
+HOLDOUT_SHAPES_128: tuple[str, ...] = HOLDOUT_SHAPES + ("arrow", "bolt")
 SHAPES: tuple[str, ...] = BASE_SHAPES + HOLDOUT_SHAPES
+ALL_SHAPES: tuple[str, ...] = BASE_SHAPES + HOLDOUT_SHAPES_128  # what render() can draw
 
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -56,7 +59,8 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "style": STYLES,
 }
 
-IMAGE_SIZE = 64
+IMAGE_SIZE = 64  # the built-in world; World(image_size=128) draws the same designs at twice the detail
+UNIT = 64  # style sizes (outline width, stripe period...) are given in pixels of a 64 px image
 SUPERSAMPLE = 4  # draw at 4x and downsample, for smooth edges
 
 
@@ -104,6 +108,19 @@ class World:
     backgrounds: tuple[str, ...] = BACKGROUNDS
     size_range: tuple[float, float] = (0.22, 0.34)
     jitter: float = 0.12  # how far the centre may move from the middle
+    image_size: int = IMAGE_SIZE
+
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        return self.base_shapes + self.holdout_shapes
+
+    @property
+    def styles(self) -> tuple[str, ...]:
+        return self.base_styles + self.holdout_styles
+
+    def attributes(self) -> dict[str, tuple[str, ...]]:
+        """What the judges of this world tell apart: every shape, colour, background and style."""
+        return {"shape": self.shapes, "colour": self.colours, "background": self.backgrounds, "style": self.styles}
 
     # ---------------------------------------------------------------- specs
     def split_vocab(self, split: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -115,7 +132,7 @@ class World:
         if split == "holdout_style":
             return self.base_shapes, self.holdout_styles
         if split == "all":
-            return self.base_shapes + self.holdout_shapes, self.base_styles + self.holdout_styles
+            return self.shapes, self.styles
         raise ConfigError(f"Unknown world split {split!r}; choose one of {', '.join(SPLITS)}.")
 
     def random_spec(
@@ -174,10 +191,11 @@ class World:
         return text
 
     # ---------------------------------------------------------------- rendering
-    def render(self, spec: Spec, size: int = IMAGE_SIZE) -> Image.Image:
-        """Draw `spec` as a `size` x `size` RGB image."""
+    def render(self, spec: Spec, size: int | None = None) -> Image.Image:
+        """Draw `spec` as a `size` x `size` RGB image (default: the world's image size)."""
+        size = size or self.image_size
         for name, value, allowed in (
-            ("shape", spec.shape, SHAPES),
+            ("shape", spec.shape, ALL_SHAPES),
             ("colour", spec.colour, COLOURS),
             ("background", spec.background, BACKGROUNDS),
             ("style", spec.style, STYLES),
@@ -189,7 +207,7 @@ class World:
         canvas = Image.new("RGB", (big, big), bg)
         points = shape_polygon(spec.shape, spec.cx * big, spec.cy * big, spec.size * big, spec.angle)
         draw = ImageDraw.Draw(canvas)
-        unit = big / IMAGE_SIZE  # one pixel of a 64 px image
+        unit = big / UNIT  # one pixel of a 64 px image
         if spec.style == "shadowed":
             offset = 3.0 * unit
             shadow = [(x + offset, y + offset) for x, y in points]
@@ -207,7 +225,7 @@ class World:
             draw.polygon(points, fill=fg)
         image = canvas.resize((size, size), Image.Resampling.BOX)
         if spec.style == "pixel":
-            cells = max(1, size // 4)
+            cells = UNIT // 4  # 16 cells across at any image size
             image = image.resize((cells, cells), Image.Resampling.BOX).resize(
                 (size, size), Image.Resampling.NEAREST
             )
@@ -327,6 +345,10 @@ def shape_polygon(
             x = 16 * math.sin(t) ** 3
             y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
             pts.append((x / 17.0, -y / 17.0 - 0.05))
+    elif shape == "arrow":  # pointing right: a shaft and a head
+        pts = [(-0.95, -0.22), (0.1, -0.22), (0.1, -0.6), (0.95, 0), (0.1, 0.6), (0.1, 0.22), (-0.95, 0.22)]
+    elif shape == "bolt":  # a lightning bolt
+        pts = [(0.2, -1.0), (-0.55, 0.12), (-0.05, 0.12), (-0.25, 1.0), (0.55, -0.2), (0.05, -0.2), (0.35, -1.0)]
     elif shape == "moon":
         # a crescent: the outer circle's far arc, then the inner circle's arc back (circles meet at +-58 deg)
         outer = [(math.cos(t), math.sin(t)) for t in _span(math.radians(58), math.radians(302), 48)]
@@ -336,7 +358,7 @@ def shape_polygon(
         ]
         pts = [(x + 0.25, y) for x, y in outer + inner]
     else:
-        raise ConfigError(f"Unknown shape {shape!r}; choose one of {', '.join(SHAPES)}.")
+        raise ConfigError(f"Unknown shape {shape!r}; choose one of {', '.join(ALL_SHAPES)}.")
     c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
 
@@ -350,3 +372,12 @@ def _span(a: float, b: float, n: int) -> list[float]:
 
 
 WORLD = World()
+WORLD_128 = World(holdout_shapes=HOLDOUT_SHAPES_128, image_size=128)
+WORLDS = {64: WORLD, 128: WORLD_128}
+
+
+def world_for(image_size: int) -> World:
+    """The demo world drawn at `image_size` pixels (64: the built-in models, 128: the larger world)."""
+    if image_size not in WORLDS:
+        raise ConfigError(f"no demo world at {image_size} px; choose {' or '.join(map(str, WORLDS))}")
+    return WORLDS[image_size]
