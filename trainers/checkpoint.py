@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from studio.core.errors import ConfigError
+from studio.core.errors import ConfigError, StudioError
 from studio.core.io import atomic_save_safetensors, atomic_write_text, read_safetensors
 
 STATE_FILE = "trainer_state.json"
@@ -56,21 +56,37 @@ def save_checkpoint(
     config: dict,
     keep: int = 0,
 ) -> Path:
-    """Write checkpoint `step` atomically (all processes must call this); returns its folder."""
+    """Write checkpoint `step` atomically (all processes must call this); returns its folder.
+
+    A checkpoint that cannot be written (disk full, folder gone read-only) is removed again and the run
+    stops with a StudioError; the checkpoints written before it stay as they were.
+    """
     final = checkpoints_dir(output_dir) / f"step-{step:06d}"
     tmp = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        atomic_save_safetensors({k: v.detach().float() for k, v in params.items()}, tmp / PARAMS_FILE)
-        state = {"step": step, "config": config}
-        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _prune(checkpoints_dir(output_dir), keep)
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            atomic_save_safetensors({k: v.detach().float() for k, v in params.items()}, tmp / PARAMS_FILE)
+            state = {"step": step, "config": config}
+            atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1, default=str))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _prune(checkpoints_dir(output_dir), keep)
+    except Exception as exc:  # torch / accelerate raise OSError or RuntimeError for a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = (
+            exc.strerror
+            if isinstance(exc, OSError) and exc.strerror
+            else str(exc).strip().splitlines()[0][:200]
+        )
+        raise StudioError(
+            f"could not save the checkpoint of step {step} in {final.parent} ({reason}); the checkpoints "
+            "saved before it are kept. Free some space, then continue with resume = latest."
+        ) from None
     accelerator.wait_for_everyone()
     return final
 

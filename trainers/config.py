@@ -38,6 +38,9 @@ class TrainConfig:
         True, "read a caption file next to each image (name.txt); missing ones use prompt"
     )
     caption_extension: str = option(".txt", "extension of caption files")
+    strict_images: bool = option(
+        False, "stop when any image cannot be read (default: train without them, and say which)"
+    )
     repeats: int = option(1, "how many times each image counts per epoch", min=1, max=10_000)
     resolution: int = option(512, "training resolution (bucket area = resolution^2)", min=64, max=4096)
     enable_buckets: bool = option(True, "aspect-ratio buckets; off = every image resized and cropped square")

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from studio.core.errors import BadFileError, ConfigError
-from studio.core.images import IMAGE_SUFFIXES, image_files, image_size
+from studio.core.images import IMAGE_SUFFIXES, image_files, load_image
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Dataset:
     examples: list[Example]
     repeats: int = 1
     missing_captions: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # unreadable images left out, and why
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -62,11 +63,13 @@ def scan_dataset(
     caption_extension: str = ".txt",
     repeats: int = 1,
     what: str = "data_dir",
+    strict: bool = False,
 ) -> Dataset:
     """Find images and their captions; images without a caption file use `prompt`.
 
-    Raises ConfigError for a missing or empty folder, or an image with neither caption nor prompt;
-    BadFileError names an image that cannot be opened.
+    Every image is decoded here, so all unreadable ones are found at once, before any model is loaded:
+    they are left out and listed in `Dataset.skipped`, or with `strict` the scan stops naming them all.
+    Raises ConfigError for a missing or empty folder, or an image with neither caption nor prompt.
     """
     folder = Path(folder).expanduser()
     if not str(folder) or not folder.is_dir():
@@ -77,9 +80,13 @@ def scan_dataset(
         raise ConfigError(
             f"{what}: {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); it holds: {', '.join(found)}"
         )
-    examples, missing = [], []
+    examples, missing, skipped = [], [], []
     for path in files:
-        size = image_size(path)
+        try:
+            size = load_image(path).size  # decoded in full: a truncated file is found now, not at step 900
+        except BadFileError as exc:
+            skipped.append((path, str(exc).removeprefix(f"{path}: ")))
+            continue
         caption, from_file = _caption_for(path, use_captions, caption_extension)
         if caption is None:
             missing.append(path)
@@ -90,7 +97,16 @@ def scan_dataset(
                 )
             caption = prompt
         examples.append(Example(path, caption, size, from_file))
-    return Dataset(folder, examples, repeats, missing if use_captions else [])
+    if skipped and (strict or not examples):
+        names = "; ".join(f"{p.name} ({why})" for p, why in skipped)
+        lead = (
+            f"none of the {len(files)} images" if not examples else f"{len(skipped)} of {len(files)} images"
+        )
+        raise BadFileError(
+            f"{what}: {lead} in {folder} cannot be read: {names}. Replace or remove them"
+            + ("." if not examples else ", or set strict_images = false to train without them.")
+        )
+    return Dataset(folder, examples, repeats, missing if use_captions else [], skipped)
 
 
 def _caption_for(path: Path, use_captions: bool, extension: str) -> tuple[str | None, bool]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,16 +35,26 @@ class EventLog:
         self.path = Path(path) if path else None
         self.callback = callback
         self.enabled = enabled
+        self.write_error: str | None = None  # why the file stopped taking events (a full disk), if it did
         if self.path and enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Append one event; a file that cannot be written (disk full) does not stop the callback, which
+        still carries every event (the job queue keeps them in its database)."""
         event = {"event": kind, "time": round(time.time(), 3), **{k: _plain(v) for k, v in fields.items()}}
         if not self.enabled:
             return event
-        if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(event) + "\n")
+        if self.path and self.write_error is None:
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(event) + "\n")
+            except OSError as exc:
+                self.write_error = exc.strerror or str(exc)
+                print(
+                    f"warning: cannot write {self.path} ({self.write_error}); events go on elsewhere",
+                    file=sys.stderr,
+                )
         if self.callback:
             self.callback(event)
         return event

@@ -41,6 +41,7 @@ from trainers.metadata import training_metadata
 from trainers.methods import DataContext, DataPart, Method, get_method, instance_dataset
 from trainers.network import add_lora, extract_lora, param_groups, trainable_parameters
 from trainers.optim import make_lr_scheduler, make_optimizer
+from trainers.output_dir import claim_output_dir
 from trainers.samples import render_samples
 from trainers.step import TrainData, part_loss, step_seed
 
@@ -58,6 +59,7 @@ class Run:
     started: float = field(default_factory=time.time)
     step: int = 0
     last_checkpoint: Path | None = None
+    lock: object | None = None  # the output folder's lock, held while the run lasts
 
 
 @dataclass
@@ -86,6 +88,9 @@ def train(cfg: TrainConfig, *, pipe=None, family: str | None = None, on_event: E
         # the images are scanned once, before a multi-GB model is loaded: missing folders and broken files
         # are found at once
         instance = instance_dataset(cfg) if cfg.data_dir else None
+        if instance is not None and instance.skipped:
+            names = "; ".join(f"{p.name} ({why})" for p, why in instance.skipped)
+            run.events.emit("log", message=f"left out {len(instance.skipped)} unreadable image(s): {names}")
         models = load_models(cfg, run, pipe, family, model_name, model_hash)
         method.check(cfg, models.family)
         context = DataContext(models.pipe, models.family, run.events, run.accelerator, instance)
@@ -110,6 +115,9 @@ def train(cfg: TrainConfig, *, pipe=None, family: str | None = None, on_event: E
     except StudioError as exc:
         run.events.emit("error", step=run.step, message=str(exc), last_checkpoint=run.last_checkpoint)
         raise
+    finally:
+        if run.lock is not None:
+            run.lock.release()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,11 +140,12 @@ def setup_run(cfg: TrainConfig, on_event: EventCallback | None) -> Run:
     if cfg.crop == "random" and cfg.cache_latents:
         raise ConfigError("crop = 'random' changes each image every step, so latents cannot be cached: "
                           "set cache_latents = false, or use crop = 'center'")  # fmt: skip
+    lock = claim_output_dir(out_dir) if accelerator.is_main_process else None
     events = EventLog(out_dir / "events.jsonl", on_event, enabled=accelerator.is_main_process)
     ckpt.install_state_hooks(accelerator)
     # LoRA initialisation and dropout draw from the global RNGs: seed them so a run is reproducible.
     set_seed(cfg.seed)
-    return Run(cfg, accelerator, out_dir, events)
+    return Run(cfg, accelerator, out_dir, events, lock=lock)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -93,6 +93,7 @@ def instance_dataset(cfg: TrainConfig) -> Dataset:
         use_captions=cfg.use_captions,
         caption_extension=cfg.caption_extension,
         repeats=cfg.repeats,
+        strict=cfg.strict_images,
     )
 
 

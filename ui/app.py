@@ -30,18 +30,36 @@ def build_app(services: Services) -> gr.Blocks:
     return app
 
 
+def serving_options(services: Services) -> dict:
+    """What the page's file route may serve: the images, datasets and LoRAs it shows, never the job queue."""
+    ws = services.workspace
+    queue = [str(ws.jobs_db), f"{ws.jobs_db}-wal", f"{ws.jobs_db}-shm"]
+    return {
+        "allowed_paths": [str(folder) for folder in (ws.outputs, ws.datasets, ws.loras, ws.runs)],
+        "blocked_paths": queue,
+    }
+
+
 def launch(
-    workspace: str, host: str = "127.0.0.1", port: int | None = None, open_browser: bool = False
+    workspace: str,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    *,
+    open_browser: bool = False,
+    auth: tuple[str, str] | None = None,
+    allow_pickle: bool = False,
 ) -> None:
-    """Build the services and serve the page until interrupted (localhost only unless `host` says otherwise)."""
-    services = build_services(workspace)
+    """Build the services and serve the page until interrupted (this machine only unless `host` says so;
+    `auth` is the login the page asks for)."""
+    services = build_services(workspace, allow_pickle=allow_pickle)
     try:
         build_app(services).queue(default_concurrency_limit=1).launch(
             server_name=host,
             server_port=port,
             inbrowser=open_browser,
-            allowed_paths=[str(services.workspace.root)],
+            auth=auth,
             show_error=True,
+            **serving_options(services),
         )
     finally:
         services.close()

@@ -1,8 +1,8 @@
 """What the page asks for, turned into checked configs over the workspace: training, merging, generation.
 
-The page sends plain values (a dict of form fields); these functions build the typed config, resolve every
-path it will use inside the workspace, and check it, so a bad option is reported at once, not minutes
-later in a job.
+The page sends plain values (a dict of form fields); these functions build the typed config, check it,
+and keep every path it will use inside the workspace (studio.app.confine), so a bad option is reported at
+once, not minutes later in a job.
 
     >>> cfg = train_config(workspace, {"method": "style", "dataset": "art", "name": "art", ...})  # doctest: +SKIP
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import tomllib
 from typing import Any
 
+from studio.app.confine import confine
 from studio.app.workspace import Workspace
 from studio.core.errors import ConfigError
 from studio.core.options import build_config, load_preset
@@ -49,7 +50,7 @@ def more_options(text: str) -> dict[str, Any]:
         raise ConfigError(f"more options: not valid TOML ({exc}); write one key = value per line") from None
 
 
-def train_config(ws: Workspace, values: dict[str, Any]):
+def train_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = False):
     """A checked TrainConfig from the Train tab's fields: a workspace dataset in, runs/<name>/ out."""
     from trainers.config import TrainConfig
 
@@ -83,10 +84,10 @@ def train_config(ws: Workspace, values: dict[str, Any]):
     if values["method"] == "b_lora":  # also write the content and style halves, for B-LoRA mixing
         options["split"] = True
     options |= more_options(values.get("more", ""))
-    return build_config(TrainConfig, options)
+    return confine(ws, build_config(TrainConfig, options), allow_pickle=allow_pickle)
 
 
-def merge_config(ws: Workspace, values: dict[str, Any]):
+def merge_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = False):
     """A checked MergeConfig from the Merge tab's fields: workspace LoRAs in, loras/<name>.safetensors out."""
     from merging import MergeConfig
 
@@ -107,10 +108,10 @@ def merge_config(ws: Workspace, values: dict[str, Any]):
         options["rank"] = int(values["rank"])
     if values["method"].startswith("ziplora"):
         options["model"] = model_choice(ws, values["model"])
-    return build_config(MergeConfig, options)
+    return confine(ws, build_config(MergeConfig, options), allow_pickle=allow_pickle)
 
 
-def generate_config(ws: Workspace, values: dict[str, Any]):
+def generate_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = False):
     """A checked GenerateConfig from the Generate tab's fields; images go to the workspace's outputs/."""
     from studio.generation import GenerateConfig, LoraSpec
 
@@ -120,7 +121,7 @@ def generate_config(ws: Workspace, values: dict[str, Any]):
     size = int(values["size"]) or None
     b_lora = {part: str(ws.resolve(values[part])) if values.get(part) else None
               for part in ("b_lora_content", "b_lora_style")}  # fmt: skip
-    return build_config(
+    cfg = build_config(
         GenerateConfig,
         {
             "prompt": values["prompt"],
@@ -138,6 +139,7 @@ def generate_config(ws: Workspace, values: dict[str, Any]):
             **b_lora,
         },
     )
+    return confine(ws, cfg, allow_pickle=allow_pickle)
 
 
 def merge_methods() -> list[str]:

@@ -1,38 +1,29 @@
 """A persistent job queue: jobs and their events in one SQLite file, each job run in its own worker process.
 
-The UI only submits jobs and reads their events; a `JobRunner` thread takes queued jobs one at a time (GPU
-work is serialised) and runs each as `python -m studio.app.jobs --db FILE run ID`. A job that raises, runs out of
-memory or crashes the interpreter ends as "failed" with its message; the UI keeps running. Cancelling stops
-the worker process. Jobs that were running when the studio itself stopped are marked "interrupted" at the
-next start (training ones can be resumed from their last checkpoint with resume = "latest").
+The page only submits jobs and reads their events; a JobRunner (studio.app.runner) takes queued jobs one at a
+time and runs each in a worker process (studio.app.worker), whose pid and start time are kept here so that a
+restarted studio finds a worker that is still alive and follows it.
 
     >>> store = JobStore("work/jobs.sqlite")                       # doctest: +SKIP
     >>> job_id = store.submit("train", {"method": "style", ...})    # doctest: +SKIP
-    >>> runner = JobRunner(store, logs=Path("work/runs")); runner.start()   # doctest: +SKIP
     >>> store.get(job_id).status                                   # doctest: +SKIP
-    'running'
+    'queued'
 
 Job kinds: "train" (a TrainConfig as a dict) and "merge" (a MergeConfig as a dict).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sqlite3
-import subprocess
-import sys
-import threading
 import time
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio.core.errors import ConfigError, StudioError
+from studio.core.errors import ConfigError
 
 KINDS = ("train", "merge")
 FINISHED = ("done", "failed", "cancelled", "interrupted")
@@ -49,7 +40,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     message TEXT NOT NULL DEFAULT '',
     result TEXT NOT NULL DEFAULT '{}',
-    cancel INTEGER NOT NULL DEFAULT 0
+    cancel INTEGER NOT NULL DEFAULT 0,
+    pid INTEGER,
+    pid_started REAL
 );
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -77,6 +70,8 @@ class Job:
     message: str
     result: dict[str, Any]
     cancel: bool
+    pid: int | None = None  # the worker process running the job, and when that process started
+    pid_started: float | None = None
 
     @property
     def finished_or_stopped(self) -> bool:
@@ -91,6 +86,13 @@ class JobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(_SCHEMA)
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in (
+                ("pid", "INTEGER"),
+                ("pid_started", "REAL"),
+            ):  # queues made by older versions
+                if column not in columns:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -128,10 +130,16 @@ class JobStore:
         return [_job(r) for r in rows]
 
     def claim_next(self) -> Job | None:
-        """Mark the oldest queued job running and return it (None when the queue is empty)."""
+        """Mark the oldest queued job running and return it; None when the queue is empty or a job is still
+        running (one job at a time, whichever studio process started it)."""
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
+            busy = db.execute("SELECT 1 FROM jobs WHERE status = 'running' LIMIT 1").fetchone()
+            row = (
+                None
+                if busy
+                else db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
+            )
             if row is None:
                 db.execute("COMMIT")
                 return None
@@ -161,18 +169,16 @@ class JobStore:
             self.finish(job_id, "cancelled", "cancelled before it started")
         return self.get(job_id)
 
-    def recover(self) -> list[int]:
-        """Jobs left 'running' by a studio that stopped: mark them interrupted. Returns their ids."""
+    def set_worker(self, job_id: int, pid: int, started: float) -> None:
+        """Record the process running a job (so a restarted studio can find it)."""
         with self._connect() as db:
-            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall()]
-        for job_id in ids:
-            self.finish(
-                job_id,
-                "interrupted",
-                "the studio stopped while this job ran; training resumes from its last checkpoint "
-                "when submitted again with resume = latest",
-            )
-        return ids
+            db.execute("UPDATE jobs SET pid = ?, pid_started = ? WHERE id = ?", (pid, started, job_id))
+
+    def running(self) -> list[Job]:
+        """Jobs marked running, oldest first."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE status = 'running' ORDER BY id").fetchall()
+        return [_job(r) for r in rows]
 
     # ---------------------------------------------------------------- events
     def add_event(self, job_id: int, event: dict[str, Any]) -> None:
@@ -224,159 +230,6 @@ def _job(row: sqlite3.Row) -> Job:
         message=row["message"],
         result=json.loads(row["result"]),
         cancel=bool(row["cancel"]),
+        pid=row["pid"],
+        pid_started=row["pid_started"],
     )
-
-
-# ------------------------------------------------------------------------------------------------ runner
-class JobRunner:
-    """Runs queued jobs one at a time, each in a fresh worker process, from a background thread."""
-
-    def __init__(self, store: JobStore, logs: Path, poll_s: float = 0.5, env: dict[str, str] | None = None):
-        self.store = store
-        self.logs = Path(logs)
-        self.poll_s = poll_s
-        self.env = env
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._process: subprocess.Popen | None = None
-
-    def start(self) -> JobRunner:
-        self.store.recover()
-        self._thread = threading.Thread(target=self._loop, name="lora-studio-jobs", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking jobs; a running job's worker is stopped and the job marked interrupted."""
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout)
-
-    @property
-    def worker_pid(self) -> int | None:
-        """The process id of the running job's worker, if one is running."""
-        process = self._process
-        return process.pid if process is not None and process.poll() is None else None
-
-    def log_path(self, job_id: int) -> Path:
-        return self.logs / f"job-{job_id}.log"
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                job = self.store.claim_next()
-                if job is None:
-                    self._stop.wait(self.poll_s)
-                    continue
-                self._run(job)
-            except Exception:  # the runner outlives any one job's trouble, including a locked database
-                traceback.print_exc()
-                self._stop.wait(self.poll_s)
-
-    def _run(self, job: Job) -> None:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "studio.app.jobs", "--db", str(self.store.path), "run", str(job.id)]
-        env = dict(os.environ if self.env is None else self.env)
-        env.setdefault("HF_HUB_OFFLINE", "1")
-        with open(self.log_path(job.id), "ab") as log:
-            process = self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-            while process.poll() is None:
-                if self._stop.is_set():
-                    _terminate(process)
-                    self.store.finish(job.id, "interrupted", "the studio stopped while this job ran")
-                    return
-                if self.store.get(job.id).cancel:
-                    _terminate(process)
-                    self.store.finish(job.id, "cancelled", "cancelled while running")
-                    return
-                time.sleep(self.poll_s)
-        if process.returncode != 0:  # the worker died before it could record why (crash, out of memory, kill)
-            tail = _tail(self.log_path(job.id))
-            self.store.finish(
-                job.id, "failed", f"the worker process exited with code {process.returncode}. {tail}".strip()
-            )
-
-
-def _terminate(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    process.terminate()
-    try:
-        process.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def _tail(path: Path, lines: int = 3) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return " | ".join(text[-lines:])
-
-
-# ------------------------------------------------------------------------------------------------ worker
-def run_job(store: JobStore, job_id: int) -> int:
-    """Run one job in this process (the worker side); its ending is recorded in the store. Returns an exit code."""
-    job = store.get(job_id)
-    try:
-        result = _JOB_KINDS[job.kind](job.config, lambda event: store.add_event(job_id, event))
-    except StudioError as exc:
-        store.add_event(job_id, {"event": "error", "message": str(exc)})
-        store.finish(job_id, "failed", str(exc))
-        return 1
-    except Exception as exc:  # a bug or a library error: keep the traceback in the job's log
-        traceback.print_exc()
-        message = f"{type(exc).__name__}: {exc}"
-        store.add_event(job_id, {"event": "error", "message": message})
-        store.finish(job_id, "failed", message)
-        return 1
-    store.finish(job_id, "done", result.get("summary", ""), result)
-    return 0
-
-
-def _train(config: dict[str, Any], emit) -> dict[str, Any]:
-    from studio.core.options import build_config
-    from trainers.config import TrainConfig
-    from trainers.loop import train
-
-    result = train(build_config(TrainConfig, config), on_event=emit)
-    return {
-        "path": str(result.path),
-        "files": [str(p) for p in result.files],
-        "steps": result.step,
-        "summary": f"saved {result.path.name} after {result.step} steps ({result.seconds:.0f} s)",
-    }
-
-
-def _merge(config: dict[str, Any], emit) -> dict[str, Any]:
-    from merging import MergeConfig, run_merge
-    from studio.core.options import build_config
-
-    def progress(event: dict[str, Any]) -> None:
-        if "stage" in event:
-            emit({"event": "log", "time": time.time(), "message": event["stage"]})
-        elif "step" in event:
-            emit({"event": "step", "time": time.time(), **event})
-
-    result = run_merge(build_config(MergeConfig, config), progress=progress)
-    path = result.out or result.into_base
-    return {"path": str(path), "files": [str(p) for p in (result.out, result.into_base) if p],
-            "summary": f"wrote {Path(str(path)).name}"}  # fmt: skip
-
-
-_JOB_KINDS = {"train": _train, "merge": _merge}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m studio.app.jobs", description="Run one queued job (worker side)."
-    )
-    parser.add_argument("--db", required=True, type=Path, help="the queue's SQLite file")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("run").add_argument("job_id", type=int)
-    args = parser.parse_args(argv)
-    return run_job(JobStore(args.db), args.job_id)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

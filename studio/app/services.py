@@ -17,7 +17,8 @@ from typing import Any
 
 from studio.app import form_configs
 from studio.app.datasets import import_images, write_demo_set
-from studio.app.jobs import JobRunner, JobStore
+from studio.app.jobs import JobStore
+from studio.app.runner import JobRunner
 from studio.app.workspace import Workspace
 from studio.core.options import config_to_dict
 
@@ -30,6 +31,7 @@ class Services:
     workspace: Workspace
     jobs: JobStore
     runner: JobRunner | None
+    allow_pickle: bool = False  # the page may load pickle files only when the studio was started so
     generate_lock: threading.Lock = field(default_factory=threading.Lock)
     _generation: object | None = None
 
@@ -45,18 +47,18 @@ class Services:
     # ------------------------------------------------------------------------------------------ jobs
     def submit_training(self, values: dict[str, Any]):
         """Check a Train form and queue it; returns (job id, the TrainConfig)."""
-        cfg = form_configs.train_config(self.workspace, values)
+        cfg = form_configs.train_config(self.workspace, values, self.allow_pickle)
         return self.jobs.submit("train", config_to_dict(cfg), cfg.output_name), cfg
 
     def submit_merge(self, values: dict[str, Any]):
         """Check a Merge form and queue it; returns (job id, the MergeConfig)."""
-        cfg = form_configs.merge_config(self.workspace, values)
+        cfg = form_configs.merge_config(self.workspace, values, self.allow_pickle)
         return self.jobs.submit("merge", config_to_dict(cfg), Path(cfg.out).stem), cfg
 
     # ------------------------------------------------------------------------------------ generation
     def generate(self, values: dict[str, Any]):
         """Make the images a Generate form asks for (saved in outputs/); returns the GeneratedImages."""
-        cfg = form_configs.generate_config(self.workspace, values)
+        cfg = form_configs.generate_config(self.workspace, values, self.allow_pickle)
         with self.generate_lock:  # one generation at a time: they share the loaded model (and the GPU)
             return self.generation.generate(cfg)
 
@@ -80,9 +82,9 @@ class Services:
             self.generate_lock.release()
 
 
-def build_services(root: str | Path, run_jobs: bool = True) -> Services:
+def build_services(root: str | Path, run_jobs: bool = True, allow_pickle: bool = False) -> Services:
     """Services over the workspace at `root` (made if missing); `run_jobs` starts the job runner thread."""
     workspace = Workspace.create(root)
     store = JobStore(workspace.jobs_db)
     runner = JobRunner(store, logs=workspace.runs).start() if run_jobs else None
-    return Services(workspace, store, runner)
+    return Services(workspace, store, runner, allow_pickle=allow_pickle)

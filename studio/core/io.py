@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import struct
@@ -33,6 +34,11 @@ if TYPE_CHECKING:  # torch is imported where tensors are read or written: header
 # the limit safetensors itself enforces, anything bigger is malformed or hostile.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# bytes per element of the dtypes safetensors writes
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}  # fmt: skip
 
 
 def is_pickle(path: str | Path) -> bool:
@@ -98,24 +104,51 @@ def read_header(path: str | Path) -> tuple[dict, dict[str, str]]:
         raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadFileError(f"{path}: malformed safetensors header ({exc}). The file is damaged.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise BadFileError(f"{path}: malformed safetensors header ({reason}). The file is damaged.") from None
     if not isinstance(header, dict):
         raise BadFileError(f"{path}: malformed safetensors header (not a JSON object).")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise BadFileError(f"{path}: malformed safetensors metadata (values must be strings).")
-    data_len = size - 8 - header_len
+    _check_entries(path, header, size - 8 - header_len)
+    return header, metadata
+
+
+def _check_entries(path: Path, header: dict, data_len: int) -> None:
+    """Every tensor entry names a known dtype, a shape of whole numbers and byte offsets that lie inside the
+    file, match the shape's size and do not overlap: what safetensors itself would trust."""
+    spans = []
     for name, info in header.items():
         try:
-            start, end = info["data_offsets"]
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = (
+                dtype in DTYPE_BYTES
+                and isinstance(shape, list)
+                and all(type(d) is int and d >= 0 for d in shape)
+            )
+            ok = ok and type(start) is int and type(end) is int and 0 <= start <= end
         except (TypeError, KeyError, ValueError):
-            raise BadFileError(f"{path}: malformed entry for tensor {name!r} in the header.") from None
+            ok = False
+        if not ok:
+            raise BadFileError(
+                f"{path}: malformed entry for tensor {str(name)[:80]!r} in the header. The file is damaged."
+            )
         if end > data_len:
             raise BadFileError(
                 f"{path}: file is truncated (tensor {name!r} ends at byte {end} of {data_len}). Download it again."
             )
-    return header, metadata
+        if math.prod(shape) * DTYPE_BYTES[dtype] != end - start:
+            raise BadFileError(
+                f"{path}: tensor {name!r} claims shape {shape} of {dtype} but holds {end - start} bytes. "
+                "The file is damaged."
+            )
+        spans.append((start, end, name))
+    spans.sort()
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise BadFileError(f"{path}: tensors {a!r} and {b!r} overlap in the file. The file is damaged.")
 
 
 def read_safetensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -208,7 +241,13 @@ def atomic_save_safetensors(
 
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_write(path, overwrite) as tmp:
-        save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
+        try:
+            save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
+        except OSError:
+            raise
+        except Exception as exc:  # safetensors reports a full disk as its own error, not an OSError
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise StudioError(f"could not write {path}: {reason}. Nothing was changed.") from None
     return Path(path)
 
 

@@ -64,6 +64,28 @@ def canonical_peft_path(path: str) -> str:
     return f"unet.{path}"
 
 
+_UNET_ROOTS = ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block", "up_blocks",
+               "conv_norm_out", "conv_out")  # fmt: skip
+_TEXT_ROOTS = (
+    "text_model.encoder.",
+    "text_model.embeddings.",
+    "text_model.final_layer_norm",
+    "text_model.text_projection",
+)
+
+
+def is_known_module(path: str) -> bool:
+    """True for a canonical path inside a Stable Diffusion UNet or CLIP text encoder (what a LoRA can adapt).
+
+    >>> is_known_module("unet.mid_block.attentions.0.proj_in"), is_known_module("unet.model.layers.0.q_proj")
+    (True, False)
+    """
+    component, _, name = path.partition(".")
+    if component == "unet":
+        return name.split(".", 1)[0] in _UNET_ROOTS
+    return component in TEXT_ENCODERS and name.startswith(_TEXT_ROOTS)
+
+
 # --------------------------------------------------------------------------------------------------
 # single-file checkpoint prefixes
 

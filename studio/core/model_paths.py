@@ -16,7 +16,12 @@ DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "demo" / "weights"
 
 
 # name after "demo:" -> (family, image size); the 128 px models are the larger world of `lora-studio eval`
-DEMO_MODELS = {"sd15": ("sd15", 64), "sdxl": ("sdxl", 64), "sd15-128": ("sd15", 128), "sdxl-128": ("sdxl", 128)}
+DEMO_MODELS = {
+    "sd15": ("sd15", 64),
+    "sdxl": ("sdxl", 64),
+    "sd15-128": ("sd15", 128),
+    "sdxl-128": ("sdxl", 128),
+}
 
 
 def demo_model_path(name: str = "sd15") -> Path:

@@ -297,6 +297,22 @@ def _own_memory(pipe: DiffusionPipeline) -> None:
                     tensor.data = tensor.data.clone()
 
 
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """diffusers' and transformers' loading bars (a second each on a big model) only clutter the studio's
+    own output: a command prints what it did, a job's log its events."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+
+
 def _from_diffusers(
     family: Family, path: Path, dtype: torch.dtype, config_dir: Path | None
 ) -> DiffusionPipeline:
@@ -306,7 +322,7 @@ def _from_diffusers(
         else {"add_watermarker": False}
     )
     cls = PIPELINES[family]
-    with warnings.catch_warnings(), _quiet_dtype_warning():
+    with warnings.catch_warnings(), _quiet_dtype_warning(), _no_progress_bars():
         warnings.simplefilter("ignore", FutureWarning)
         if config_dir is None:
             return cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **extra)

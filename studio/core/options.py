@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import tomllib
 import types
 import typing
@@ -70,7 +71,12 @@ def check_fields(config: Any) -> None:
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:
-    return typing.get_type_hints(cls)[f.name]
+    return _type_hints(cls)[f.name]
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:

@@ -305,7 +305,9 @@ def train_unet(plan: TrainPlan, work: Path, vae: AutoencoderKL) -> dict[str, tor
         noisy = scheduler.add_noise(x0, noise, t)
         extra = {}
         if plan.family == "sdxl":
-            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids(len(idx), plan.image_size)}}
+            extra = {
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids(len(idx), plan.image_size)}
+            }
         pred = unet(noisy, t, embeds, **extra).sample
         weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 weighting of the epsilon loss
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()

@@ -120,7 +120,12 @@ class World:
 
     def attributes(self) -> dict[str, tuple[str, ...]]:
         """What the judges of this world tell apart: every shape, colour, background and style."""
-        return {"shape": self.shapes, "colour": self.colours, "background": self.backgrounds, "style": self.styles}
+        return {
+            "shape": self.shapes,
+            "colour": self.colours,
+            "background": self.backgrounds,
+            "style": self.styles,
+        }
 
     # ---------------------------------------------------------------- specs
     def split_vocab(self, split: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -348,7 +353,15 @@ def shape_polygon(
     elif shape == "arrow":  # pointing right: a shaft and a head
         pts = [(-0.95, -0.22), (0.1, -0.22), (0.1, -0.6), (0.95, 0), (0.1, 0.6), (0.1, 0.22), (-0.95, 0.22)]
     elif shape == "bolt":  # a lightning bolt
-        pts = [(0.2, -1.0), (-0.55, 0.12), (-0.05, 0.12), (-0.25, 1.0), (0.55, -0.2), (0.05, -0.2), (0.35, -1.0)]
+        pts = [
+            (0.2, -1.0),
+            (-0.55, 0.12),
+            (-0.05, 0.12),
+            (-0.25, 1.0),
+            (0.55, -0.2),
+            (0.05, -0.2),
+            (0.35, -1.0),
+        ]
     elif shape == "moon":
         # a crescent: the outer circle's far arc, then the inner circle's arc back (circles meet at +-58 deg)
         outer = [(math.cos(t), math.sin(t)) for t in _span(math.radians(58), math.radians(302), 48)]

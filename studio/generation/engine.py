@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from studio.core.blocks import format_block_weights, parse_block_weights
-from studio.core.errors import BadFileError, ConfigError
+from studio.core.errors import BadFileError, ConfigError, StudioError
 from studio.core.families import TEXT_ENCODERS, Family
 from studio.core.samplers import make_sampler, scheduler_name
 from studio.generation.adapters import Adapter, AdapterPool, file_key
@@ -217,9 +218,10 @@ class GenerationEngine:
             "width": width,
             "height": height,
             "generator": torch.Generator("cpu").manual_seed(seed),  # same noise on every device
+            "output_type": "np",  # checked for NaN before it becomes a picture (see _picture)
         }
         if cfg.mode == "merge":
-            return self.pipe(**self.encode(cfg, cfg_on).pipeline_kwargs(), **call).images[0], None
+            return _picture(self.pipe(**self.encode(cfg, cfg_on).pipeline_kwargs(), **call).images[0]), None
         names = [e.adapter.name for e in entries]
         embeds = [self.encode(cfg, cfg_on, only=name) for name in names]
         conds = [e.unet_conditioning(cfg_on) for e in embeds]
@@ -230,7 +232,7 @@ class GenerationEngine:
             router = LoraComposite(self.pool, names, conds, batched=cfg.composite_batched)
         try:
             with router.installed(self.pipe.unet):
-                image = self.pipe(**embeds[0].pipeline_kwargs(), **call).images[0]
+                image = _picture(self.pipe(**embeds[0].pipeline_kwargs(), **call).images[0])
         finally:
             self.pool.set_active(names)
         index = {name: i for i, name in enumerate(names)}
@@ -296,6 +298,16 @@ class GenerationEngine:
             "fused": fused,
             "trace": trace,
         }
+
+
+def _picture(pixels: np.ndarray) -> Image.Image:
+    """The image of an (H, W, 3) array in [0, 1]; NaN / inf pixels would silently turn black, so they stop here."""
+    if not np.isfinite(pixels).all():
+        raise StudioError(
+            "the image came out as NaN (not a number): a LoRA's values are too large for this model, or the "
+            "base model overflows in this precision. Lower the LoRA weights, or try dtype fp32."
+        )
+    return Image.fromarray((np.clip(pixels, 0, 1) * 255).round().astype(np.uint8))
 
 
 def _signature(entries: list[_Entry]) -> tuple:

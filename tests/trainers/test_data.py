@@ -40,21 +40,42 @@ def test_scan_errors_name_the_problem(tmp_path):
         scan_dataset(folder, prompt="", use_captions=True)
 
 
-def test_corrupt_image_is_named(tmp_path):
-    folder = make_images(tmp_path / "imgs", 2)
+def test_unreadable_images_are_all_found_at_once(tmp_path):
+    folder = make_images(tmp_path / "imgs", 3)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
-    with pytest.raises(BadFileError, match="broken.png: cannot read this image"):
+    data = (folder / "img_1.png").read_bytes()
+    (folder / "img_1.png").write_bytes(data[: len(data) // 2])  # header fine, pixels cut off
+    dataset = scan_dataset(folder, prompt="x", use_captions=False)
+    assert sorted(p.name for p, _ in dataset.skipped) == ["broken.png", "img_1.png"]
+    assert sorted(ex.path.name for ex in dataset.examples) == ["img_0.png", "img_2.png"]
+    with pytest.raises(BadFileError, match="2 of 4 images .* broken.png .*img_1.png .*strict_images"):
+        scan_dataset(folder, prompt="x", use_captions=False, strict=True)
+    for image in folder.glob("img_*.png"):
+        image.write_bytes(b"nope")
+    with pytest.raises(BadFileError, match="none of the 4 images"):
         scan_dataset(folder, prompt="x", use_captions=False)
 
 
-def test_truncated_image_stops_training_with_its_name(tmp_path, fresh_sd15_pipe):
+def test_training_leaves_out_unreadable_images_and_says_so(tmp_path, fresh_sd15_pipe):
     folder = make_images(tmp_path / "imgs", 2)
     data = (folder / "img_1.png").read_bytes()
-    (folder / "img_1.png").write_bytes(data[: len(data) // 2])  # header fine, pixels cut off
-    cfg = build_config(TrainConfig, {**TINY, "data_dir": str(folder), "prompt": "x", "max_steps": 1,
-                                     "output_dir": str(tmp_path / "out")})  # fmt: skip
+    (folder / "img_1.png").write_bytes(data[: len(data) // 2])
+    options = {
+        **TINY,
+        "data_dir": str(folder),
+        "prompt": "x",
+        "max_steps": 1,
+        "output_dir": str(tmp_path / "out"),
+    }
+    events = []
+    result = train(
+        build_config(TrainConfig, options), pipe=fresh_sd15_pipe, family="sd15", on_event=events.append
+    )
+    assert result.path.is_file()
+    assert any(e["event"] == "log" and "img_1.png" in e["message"] for e in events)
+    strict = build_config(TrainConfig, {**options, "strict_images": True, "output_dir": str(tmp_path / "o2")})
     with pytest.raises(BadFileError, match="img_1.png"):
-        train(cfg, pipe=fresh_sd15_pipe, family="sd15")
+        train(strict, pipe=fresh_sd15_pipe, family="sd15")
 
 
 def test_buckets_follow_aspect_ratio(tmp_path):

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from studio.app.services import build_services
-from ui.app import build_app
+from ui.app import build_app, serving_options
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,9 @@ def studio_app(tmp_path_factory):
     """(services, url): the page served on 127.0.0.1 with its job runner, closed after the module."""
     services = build_services(tmp_path_factory.mktemp("workspace"))
     app = build_app(services)
-    app.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    app.queue().launch(
+        prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **serving_options(services)
+    )
     yield services, app.local_url
     app.close()
     services.close()

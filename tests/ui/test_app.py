@@ -182,3 +182,52 @@ def test_cancel_stops_a_running_job(client, studio_app, wait_for_job):
         time.sleep(0.3)
     assert "stopping" in client.predict(running, api_name="/cancel_job")
     assert wait_for_job(services, running, timeout=60).status == "cancelled"
+
+
+def test_file_route_serves_what_the_page_shows_never_the_queue(client, studio_app):
+    import urllib.error
+    import urllib.request
+
+    services, url = studio_app
+    generate(client)  # an image in outputs/
+    image = sorted(services.workspace.outputs.glob("*.png"))[-1]
+    with urllib.request.urlopen(f"{url}gradio_api/file={image}") as reply:
+        assert reply.status == 200
+    for secret in (services.workspace.jobs_db, services.workspace.root / "jobs.sqlite-wal", "/etc/passwd"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}gradio_api/file={secret}")
+        assert refused.value.code in (403, 404)
+
+
+def call_raw(url: str, api_name: str, data: list) -> str:
+    """POST a call as any HTTP client could (no gradio_client, which uploads local files itself); returns
+    the event stream's text."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{url}gradio_api/call/{api_name}", data=json.dumps({"data": data}).encode(),
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request) as reply:
+        event_id = json.loads(reply.read())["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/{api_name}/{event_id}") as reply:
+        return reply.read().decode()
+
+
+def test_add_images_takes_uploads_only(studio_app):
+    services, url = studio_app
+    inside = services.workspace.outputs / "server-side.png"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(inside)
+    for path in (str(inside), "/etc/hostname", str(services.workspace.jobs_db)):
+        stream = call_raw(
+            url, "add_images", ["stolen", [{"path": path, "meta": {"_type": "gradio.FileData"}}], "x"]
+        )
+        assert "event: error" in stream and "added" not in stream
+    assert not (services.workspace.datasets / "stolen").exists()
+
+
+def test_page_refuses_a_job_pointed_outside_the_workspace(client):
+    with pytest.raises(Exception, match="output_dir: .*outside the workspace"):
+        client.predict("outside", "subject: a red heart (sks)", 4, api_name="/add_demo_set")
+        train(client, "outside", "x", more='output_dir = "/tmp/elsewhere"')

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from studio.app.datasets import DEMO_SETS, dataset_images, write_caption
 from studio.core.errors import ConfigError
@@ -16,8 +17,12 @@ def add_images(services, name: str, files: list | None, caption: str) -> str:
     """Import uploaded files into datasets/<name>; unreadable files are skipped and named."""
     if not files:
         raise ConfigError("choose one or more images to add")
-    paths = [f if isinstance(f, str) else f.name for f in files]
-    return services.add_images(name, paths, caption).summary()
+    paths = [Path(f if isinstance(f, str) else f.name) for f in files]
+    uploads = Path(get_upload_folder()).resolve()
+    outside = [p for p in paths if uploads not in p.resolve().parents]
+    if outside:  # a path on the server, not a file sent from the browser
+        raise ConfigError(f"{outside[0].name}: only files uploaded from the page can be added")
+    return services.add_images(name, [str(p) for p in paths], caption).summary()
 
 
 def add_demo_set(services, name: str, which: str, count: int) -> str:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from studio.core.blocks import block_of
+from studio.core.errors import StudioError
 from studio.core.families import FAMILY_NAMES
 from studio.core.lora_files import LoraSet, read_lora
+from studio.core.text import escape_controls
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -73,7 +76,7 @@ def _human(n: int | None) -> str:
 def print_summary(info: dict, lora: LoraSet, show_modules: bool) -> None:
     fam = FAMILY_NAMES.get(info["family"], "unknown (could not tell from keys or metadata)")
     te = ", ".join(info["text_encoders"]) or "none"
-    print(f"{info['file']}")
+    print(escape_controls(f"{info['file']}"))
     print(f"  family        {fam}")
     print(f"  format        {info['format']}{'  (B-LoRA)' if info['b_lora'] else ''}")
     print(
@@ -93,19 +96,28 @@ def print_summary(info: dict, lora: LoraSet, show_modules: bool) -> None:
         print("  metadata")
         for key in sorted(info["metadata"]):
             value = info["metadata"][key]
-            value = value if len(value) <= 100 else value[:97] + "..."
-            print(f"    {key}: {value}")
+            value = escape_controls(value if len(value) <= 100 else value[:97] + "...")
+            print(f"    {escape_controls(key)}: {value}")
     if show_modules:
         print("  modules")
         for path, m in lora.modules.items():
             alpha = m.alpha if m.alpha is not None else m.rank
-            print(f"    {block_of(path) or '-':6s} {path}  rank {m.rank}  alpha {alpha:g}")
+            print(escape_controls(f"    {block_of(path) or '-':6s} {path}  rank {m.rank}  alpha {alpha:g}"))
 
 
 def run(args: argparse.Namespace) -> int:
-    infos = []
+    """Describe every file; a file that cannot be read is named with why, and the others are still shown."""
+    infos, failed = [], 0
     for path in args.files:
-        lora = read_lora(path, allow_pickle=args.allow_pickle)
+        try:
+            lora = read_lora(path, allow_pickle=args.allow_pickle)
+        except StudioError as exc:
+            failed += 1
+            if len(args.files) == 1:
+                raise
+            print(f"error: {escape_controls(str(exc))}", file=sys.stderr)
+            infos.append({"file": str(path), "error": str(exc)})
+            continue
         info = describe(lora)
         if args.json:
             infos.append(info)
@@ -113,4 +125,4 @@ def run(args: argparse.Namespace) -> int:
             print_summary(info, lora, args.modules)
     if args.json:
         print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
-    return 0
+    return 1 if failed else 0

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from studio.app.jobs import JobRunner, JobStore
+from studio.app.jobs import JobStore
+from studio.app.runner import JobRunner
 from studio.app.workspace import Workspace
 from studio.core.errors import ConfigError
 from studio.demo.world import WORLD
