@@ -54,7 +54,7 @@ def meta_pipe(family: str):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    folder = ROOT / "studio" / "configs" / family
+    folder = ROOT / "studio" / "core" / "configs" / family
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         te = CLIPTextModel(CLIPTextConfig.from_json_file(folder / "text_encoder" / "config.json"))

@@ -134,7 +134,7 @@ def build_model(family: str, size: str, folder: Path) -> Path:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from studio import tiny
+    from tests.fixtures import tiny
 
     if size == "tiny":
         pipe = tiny.tiny_sd15_pipeline(0) if family == "sd15" else tiny.tiny_sdxl_pipeline(0)

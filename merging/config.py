@@ -48,7 +48,9 @@ class MergeConfig:
     )
     out: str = option("", "output LoRA file (.safetensors); may be empty when only --into-base is wanted")
     format: Literal["kohya", "peft"] = option(
-        "kohya", "output key format: kohya (A1111/ComfyUI/diffusers) or peft"
+        "kohya",
+        "output key format: kohya (loads in A1111, ComfyUI, diffusers) or peft (diffusers / peft only: "
+        "ComfyUI names attention layers of diffusers files only as processor.to_q, so it would drop them)",
     )
     save_dtype: Literal["auto", "fp32", "fp16", "bf16"] = option(
         "auto", "dtype of the saved factors (auto = the most precise dtype among the sources)"

@@ -89,5 +89,6 @@ def truncate_dense(
 
 
 def default_rank(sources: list[MergeSource]) -> int:
-    """Rank used when none is given: the largest rank among the sources."""
-    return max(max(s.lora.ranks) for s in sources if s.lora.modules)
+    """Rank used when none is given: the largest rank among the sources (16 when none has one: LoKr
+    files of full matrices)."""
+    return max((r for s in sources for r in s.lora.ranks), default=16)

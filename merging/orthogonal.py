@@ -39,7 +39,7 @@ def check_orthogonality(sources: list[MergeSource], tolerance: float) -> dict:
     pairs = []
     for a, b in itertools.combinations(sources, 2):
         overlaps = {
-            path: down_overlap(a.lora.modules[path].down, b.lora.modules[path].down)
+            path: down_overlap(a.own_factors(path).down, b.own_factors(path).down)
             for path in a.factors()
             if path in b.factors()
         }

@@ -109,7 +109,7 @@ def save_dtype_of(name: str, sources: list[MergeSource]) -> torch.dtype:
     """The dtype to save: as asked, or (auto) the most precise dtype among the sources' factors."""
     if name != "auto":
         return SAVE_DTYPES[name]
-    dtypes = {m.down.dtype for s in sources for m in s.lora.modules.values()}
+    dtypes = {t.dtype for s in sources for m in s.lora.modules.values() for t in m.factors().values()}
     if dtypes <= {torch.float16}:
         return torch.float16
     if dtypes <= {torch.bfloat16}:

@@ -3,7 +3,8 @@
 Every method works on the same form: for each source and module, `Factors(up, down)` with the source's
 alpha/rank scale, its weight and its block weight folded into `up`, both flattened to 2-D
 (conv kernels flattened into the input axis). The source's contribution to the merge is then exactly
-`up @ down`, whatever format, rank or alpha the file had.
+`up @ down`, whatever format, kind (LoRA, LoCon, Tucker, LoHa, LoKr, DoRA), rank or alpha the file had
+(`module_factors`). DoRA's change depends on the base weights, so its sources need the base model.
 
     >>> sources, family = load_sources([parse_lora_ref("a.safetensors:0.7")])  # doctest: +SKIP
     >>> f = sources[0].factors()["unet.mid_block.attentions.0.proj_in"]  # doctest: +SKIP
@@ -13,7 +14,7 @@ alpha/rank scale, its weight and its block weight folded into `up`, both flatten
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
@@ -23,7 +24,7 @@ import torch
 from studio.core.blocks import block_of, format_block_weights, parse_block_weights
 from studio.core.errors import ConfigError, FamilyMismatchError, KeyMismatchError, StudioError
 from studio.core.families import FAMILY_NAMES, Family
-from studio.core.lora_files import LoraModule, LoraSet, check_against_model, read_lora
+from studio.core.lora_files import AnyModule, LoraModule, LoraSet, check_against_model, read_lora
 from studio.core.lora_ref import LoraRef
 
 Shape = tuple[int, ...]
@@ -43,14 +44,44 @@ class Factors(NamedTuple):
         return self.up @ self.down
 
 
+def module_factors(m: AnyModule, base: torch.Tensor | None = None) -> Factors:
+    """A module's exact delta (alpha / rank folded in, no weight) as up @ down, flattened to 2-D.
+
+    LoRA / LoCon / Tucker: their own factors (a Tucker core folded into down). LoHa:
+    (A1 B1) * (A2 B2) = (A1 [row-wise Khatri-Rao] A2) (B1 [column-wise Khatri-Rao] B2), exactly, at rank
+    r1 * r2; neither peft nor lycoris-lora exports this form, so it is written here. LoKr, Tucker LoHa and
+    DoRA: the dense delta (lycoris-lora's algebra) split by an SVD that keeps every singular value above
+    float precision, so the factors are the delta.
+    """
+    if m.is_lowrank:
+        m = m.lowrank()
+        return Factors(m.up.to(torch.float32).flatten(1) * m.scale, m.down.to(torch.float32).flatten(1))
+    f = getattr(m, "factors_", {})
+    if m.kind == "loha" and "hada_t1" not in f and not m.needs_base:
+        a1, a2 = f["hada_w1_a"].float(), f["hada_w2_a"].float()
+        b1, b2 = f["hada_w1_b"].float().flatten(1), f["hada_w2_b"].float().flatten(1)
+        up = (a1[:, :, None] * a2[:, None, :]).flatten(1) * m.scale
+        return Factors(up, (b1[:, None, :] * b2[None, :, :]).flatten(0, 1))
+    delta = m.delta(base).to(torch.float64).flatten(1)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    keep = max(1, int((s > s[0] * 1e-7).sum())) if s.numel() and s[0] > 0 else 1
+    root = s[:keep].sqrt()
+    return Factors((u[:, :keep] * root).float(), (root[:, None] * vh[:keep]).float())
+
+
 @dataclass
 class MergeSource:
-    """One LoRA with the weight and block weights the user gave it."""
+    """One LoRA with the weight and block weights the user gave it.
+
+    `base_weights(path)` gives the base model's weight of a module: DoRA modules need it (run_merge sets it
+    when the base model is loaded).
+    """
 
     lora: LoraSet
     weight: float = 1.0
     block_weights: dict[str, float] | None = None
     label: str = "LoRA"
+    base_weights: Callable[[str], torch.Tensor] | None = None
 
     def module_weight(self, path: str) -> float:
         """weight x block weight of one module (0 = the module is left out)."""
@@ -58,15 +89,25 @@ class MergeSource:
             return self.weight
         return self.weight * self.block_weights.get(block_of(path) or "", 1.0)
 
+    def own_factors(self, path: str) -> Factors:
+        """The module's own delta as factors: alpha / rank folded in, the merge weight not."""
+        m = self.lora.modules[path]
+        if m.needs_base and self.base_weights is None:
+            raise ConfigError(
+                f"{self.label} is a DoRA LoRA: its change depends on the base model's weights. "
+                "Pass --model with the base model it was trained on."
+            )
+        return module_factors(m, self.base_weights(path) if m.needs_base else None)
+
     @cached_property
     def _factors(self) -> dict[str, Factors]:
         out = {}
-        for path, m in self.lora.modules.items():
+        for path in self.lora.modules:
             w = self.module_weight(path)
             if w == 0.0:
                 continue
-            up = m.up.to(torch.float32).flatten(1) * (m.scale * w)
-            out[path] = Factors(up, m.down.to(torch.float32).flatten(1))
+            own = self.own_factors(path)
+            out[path] = Factors(own.up * w, own.down)
         return out
 
     def factors(self) -> dict[str, Factors]:
@@ -153,9 +194,9 @@ def check_shapes(sources: list[MergeSource]) -> None:
             )
 
 
-def module_shape(m: LoraModule) -> Shape:
+def module_shape(m: AnyModule) -> Shape:
     """Weight shape the module adapts: (out, in) or (out, in, kh, kw)."""
-    return (int(m.up.shape[0]), *(int(d) for d in m.down.shape[1:]))
+    return tuple(int(d) for d in m.weight_shape)
 
 
 def _same_shape(a: Shape, b: Shape) -> bool:

@@ -105,8 +105,7 @@ def dense_merge(
 
 def _unweighted_delta(source: MergeSource, path: str) -> torch.Tensor:
     """The source's own delta at `path` (alpha/rank folded in, weight not): peft applies weights itself."""
-    m = source.lora.modules[path]
-    return (m.up.to(torch.float32).flatten(1) @ m.down.to(torch.float32).flatten(1)) * m.scale
+    return source.own_factors(path).delta()
 
 
 def _relative(diff: torch.Tensor, ref: torch.Tensor) -> float:

@@ -33,9 +33,13 @@ def check(cfg: TrainConfig, family: Family) -> None:
             "Use an SDXL base model, or the style / block-wise methods for SD1.5."
         )
     require_data_dir(cfg)
-    if cfg.train_text_encoder or cfg.conv_rank:
+    if cfg.train_text_encoder or cfg.effective_conv_rank:
         raise ConfigError(
             "B-LoRA trains only UNet attention: set train_text_encoder = false and conv_rank = 0"
+        )
+    if cfg.network_type not in ("lora", "dora"):
+        raise ConfigError(
+            f"B-LoRA trains LoRA (or DoRA) layers; network_type {cfg.network_type!r} is not one"
         )
     extra = [b for b in cfg.blocks if b.upper() not in (CONTENT_BLOCK, STYLE_BLOCK)]
     if extra:

@@ -71,10 +71,20 @@ class TrainConfig:
     prior_loss_weight: float = option(1.0, "weight of the class-image loss", min=0.0)
     class_generation_steps: int = option(30, "denoising steps when generating class images", min=1, max=1000)
     # --- network ---------------------------------------------------------------------------------
+    network_type: Literal["lora", "locon", "loha", "lokr", "dora"] = option(
+        "lora",
+        "lora; locon (LoRA on the 3x3 convs too); LyCORIS loha, lokr; dora (LoRA with weight decomposition)",
+    )
+    lokr_factor: int = option(
+        -1, "LoKr: split each weight's sides near this factor (-1 = as balanced as possible)"
+    )
     rank: int = option(16, "LoRA rank (kohya network_dim)", min=1, max=1024)
     alpha: float = option(0.0, "LoRA alpha (kohya network_alpha); 0 = same as rank (scale 1)", min=0.0)
     conv_rank: int = option(
-        0, "rank of 3x3 convs of resnets/samplers (LoCon); 0 = no conv LoRA", min=0, max=1024
+        0,
+        "rank of 3x3 convs of resnets/samplers (LoCon); 0 = no conv layers (locon: same as rank)",
+        min=0,
+        max=1024,
     )
     conv_alpha: float = option(0.0, "alpha of conv LoRA; 0 = same as conv_rank", min=0.0)
     train_text_encoder: bool = option(False, "also train LoRA on the text encoder(s) (block BASE)")
@@ -163,6 +173,11 @@ class TrainConfig:
     checkpoints_keep: int = option(3, "keep this many recent checkpoints (0 = all)", min=0)
     resume: str = option("", "resume from a checkpoint folder, or 'latest' for the newest in output_dir")
     progress_bar: bool = option(True, "show a progress bar in the terminal")
+    log_with: Literal["none", "tensorboard"] = option(
+        "none",
+        "also log to TensorBoard (loss, lr, samples), beside events.jsonl; needs the tensorboard package",
+    )
+    logging_dir: str = option("", "TensorBoard log folder ('' = <output_dir>/logs)")
 
     def check(self) -> None:
         """Refuse values that cannot work (bounds are on the fields), before anything is loaded."""
@@ -176,6 +191,11 @@ class TrainConfig:
             raise ConfigError(
                 f"lr_warmup_steps ({self.lr_warmup_steps}) is more than max_steps ({self.max_steps})"
             )
+
+    @property
+    def effective_conv_rank(self) -> int:
+        """conv_rank, or for network_type locon with conv_rank 0, the rank (LoCon adapts the convs)."""
+        return self.conv_rank or (self.rank if self.network_type == "locon" else 0)
 
     @property
     def effective_alpha(self) -> float:

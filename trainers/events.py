@@ -29,11 +29,14 @@ EventCallback = Callable[[dict[str, Any]], None]
 
 
 class EventLog:
-    """Appends events to a JSON-lines file (flushed per line) and passes each to an optional callback."""
+    """Appends events to a JSON-lines file (flushed per line) and passes each to an optional callback
+    and to `sinks` (e.g. a TensorBoardSink)."""
 
-    def __init__(self, path: str | Path | None, callback: EventCallback | None = None, enabled: bool = True):
+    def __init__(self, path: str | Path | None, callback: EventCallback | None = None, enabled: bool = True,
+                 sinks: tuple[EventCallback, ...] = ()):  # fmt: skip
         self.path = Path(path) if path else None
         self.callback = callback
+        self.sinks = sinks
         self.enabled = enabled
         self.write_error: str | None = None  # why the file stopped taking events (a full disk), if it did
         if self.path and enabled:
@@ -57,7 +60,39 @@ class EventLog:
                 )
         if self.callback:
             self.callback(event)
+        for sink in self.sinks:
+            sink(event)
         return event
+
+
+class TensorBoardSink:
+    """The run's events as TensorBoard logs (loss, learning rate, images/s; sample images), beside
+    events.jsonl: what kohya's and OneTrainer's users open. Needs the tensorboard package."""
+
+    def __init__(self, logdir: str | Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(logdir))
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind, step = event["event"], event.get("step", 0)
+        if kind == "step":
+            for name in ("loss", "lr", "images_per_s"):
+                if isinstance(event.get(name), (int, float)):
+                    self.writer.add_scalar(f"train/{name}", event[name], step)
+        elif kind == "sample":
+            import numpy as np
+            from PIL import Image
+
+            for i, path in enumerate(event.get("paths", [])):
+                with Image.open(path) as image:
+                    self.writer.add_image(
+                        f"samples/{i}", np.asarray(image.convert("RGB")), step, dataformats="HWC"
+                    )
+        if kind in ("step", "sample", "done", "error"):
+            self.writer.flush()
+        if kind in ("done", "error"):
+            self.writer.close()
 
 
 def _plain(value: Any) -> Any:

@@ -36,7 +36,7 @@ from trainers.base_model import TrainModels, load_base_model, prepare_models, re
 from trainers.config import TrainConfig
 from trainers.data import assign_buckets, make_buckets
 from trainers.encode import TextCache
-from trainers.events import EventCallback, EventLog
+from trainers.events import EventCallback, EventLog, TensorBoardSink
 from trainers.metadata import training_metadata
 from trainers.methods import DataContext, DataPart, Method, get_method, instance_dataset
 from trainers.network import add_lora, extract_lora, param_groups, trainable_parameters
@@ -98,7 +98,7 @@ def train(cfg: TrainConfig, *, pipe=None, family: str | None = None, on_event: E
         plan = plan_targets(
             model_module_shapes(models.pipe), models.family, method.target_spec(cfg, models.family)
         )
-        layers = add_lora(models.pipe, plan, cfg.lora_dropout)
+        layers = add_lora(models.pipe, plan, cfg.lora_dropout, cfg.network_type, cfg.lokr_factor)
         extra_meta = method.prepare_lora(cfg, layers, plan) if method.prepare_lora else {}
         data = prepare_data(cfg, parts, models, run)
         opt = build_optimizer(cfg, run, models, layers, plan)
@@ -108,7 +108,7 @@ def train(cfg: TrainConfig, *, pipe=None, family: str | None = None, on_event: E
                         attention=models.attention, mixed_precision=run.accelerator.mixed_precision,
                         resumed_from_step=start)  # fmt: skip
         step = train_loop(cfg, run, models, data, opt, start)
-        return save_outputs(cfg, run, models, method, plan, parts, step, extra_meta)
+        return save_outputs(cfg, run, models, method, (layers, plan), parts, step, extra_meta)
     except KeyboardInterrupt:
         run.events.emit("error", step=run.step, message="interrupted", last_checkpoint=run.last_checkpoint)
         raise
@@ -141,11 +141,25 @@ def setup_run(cfg: TrainConfig, on_event: EventCallback | None) -> Run:
         raise ConfigError("crop = 'random' changes each image every step, so latents cannot be cached: "
                           "set cache_latents = false, or use crop = 'center'")  # fmt: skip
     lock = claim_output_dir(out_dir) if accelerator.is_main_process else None
-    events = EventLog(out_dir / "events.jsonl", on_event, enabled=accelerator.is_main_process)
+    sinks = (
+        (tensorboard_sink(cfg, out_dir),)
+        if cfg.log_with == "tensorboard" and accelerator.is_main_process
+        else ()
+    )
+    events = EventLog(out_dir / "events.jsonl", on_event, enabled=accelerator.is_main_process, sinks=sinks)
     ckpt.install_state_hooks(accelerator)
     # LoRA initialisation and dropout draw from the global RNGs: seed them so a run is reproducible.
     set_seed(cfg.seed)
     return Run(cfg, accelerator, out_dir, events, lock=lock)
+
+
+def tensorboard_sink(cfg: TrainConfig, out_dir: Path) -> TensorBoardSink:
+    try:
+        return TensorBoardSink(Path(cfg.logging_dir).expanduser() if cfg.logging_dir else out_dir / "logs")
+    except ImportError:
+        raise ConfigError(
+            "log_with = 'tensorboard' needs the tensorboard package: pip install tensorboard"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,16 +338,20 @@ def save_checkpoint(cfg: TrainConfig, run: Run, opt: Optimization, step: int) ->
 # 6. save
 
 
-def save_outputs(cfg: TrainConfig, run: Run, models: TrainModels, method: Method, plan: dict[str, ModuleTarget],
-                 parts: list[DataPart], step: int, extra_meta: dict[str, str]) -> TrainResult:  # fmt: skip
-    """Write the kohya-format LoRA (plus method extras and the run's config) from the main process."""
+def save_outputs(cfg: TrainConfig, run: Run, models: TrainModels, method: Method,
+                 network: tuple[dict, dict[str, ModuleTarget]], parts: list[DataPart], step: int,
+                 extra_meta: dict[str, str]) -> TrainResult:  # fmt: skip
+    """Write the kohya-format LoRA (plus method extras and the run's config) from the main process.
+
+    `network` is (the trained layers, the plan they were made from)."""
+    layers, plan = network
     acc = run.accelerator
     acc.wait_for_everyone()
     path = run.out_dir / f"{cfg.output_name}.safetensors"
     files: list[Path] = []
     if acc.is_main_process:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
-        lora = extract_lora(models.pipe, plan, models.family, dtype)
+        lora = extract_lora(layers, plan, models.family, dtype)
         meta = training_metadata(cfg, parts=parts, plan=plan, step=step, started=run.started, finished=time.time(),
                                  model_name=models.name, model_hash=models.model_hash, extra=extra_meta)  # fmt: skip
         files.append(write_lora(lora, path, family=models.family, metadata=meta, overwrite=cfg.overwrite))

@@ -100,8 +100,15 @@ def _bucket_info(parts: list[DataPart]) -> dict:
 
 def _network_args(cfg: TrainConfig) -> dict[str, object]:
     args: dict[str, object] = {}
-    if cfg.conv_rank:
-        args.update(conv_dim=cfg.conv_rank, conv_alpha=cfg.conv_alpha or cfg.conv_rank)
+    if cfg.network_type != "lora":  # as LyCORIS' kohya network records them
+        args["algo"] = {"dora": "lora"}.get(cfg.network_type, cfg.network_type)
+        if cfg.network_type == "dora":
+            args["dora_wd"] = True
+        if cfg.network_type == "lokr":
+            args["factor"] = cfg.lokr_factor
+    if cfg.effective_conv_rank:
+        conv = cfg.effective_conv_rank
+        args.update(conv_dim=conv, conv_alpha=cfg.conv_alpha or conv)
     for name in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"):
         if getattr(cfg, name):
             args[name] = ",".join(f"{v:g}" for v in getattr(cfg, name))

@@ -61,7 +61,7 @@ def spec_from_config(cfg: TrainConfig, family: Family) -> TargetSpec:
     return TargetSpec(
         rank=cfg.rank,
         alpha=cfg.alpha or None,
-        conv_rank=cfg.conv_rank,
+        conv_rank=cfg.effective_conv_rank,
         conv_alpha=cfg.conv_alpha or None,
         text_encoder=cfg.train_text_encoder,
         blocks=[b.strip().upper() for b in cfg.blocks if b.strip()],

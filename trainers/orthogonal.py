@@ -35,7 +35,12 @@ def check(cfg: TrainConfig, family: Family) -> None:
             "orthogonal adaptation needs one rank for every module (the basis is cut in slices of that rank); "
             "remove block_rank / block_dims / conv_block_dims"
         )
-    if cfg.conv_rank and cfg.conv_rank != cfg.rank:
+    if cfg.network_type not in ("lora", "locon"):
+        raise ConfigError(
+            "orthogonal adaptation freezes LoRA's down factors to an orthogonal basis: use network_type lora "
+            f"(or locon), not {cfg.network_type}"
+        )
+    if cfg.effective_conv_rank and cfg.effective_conv_rank != cfg.rank:
         raise ConfigError("orthogonal adaptation: conv_rank must be 0 or equal to rank")
 
 

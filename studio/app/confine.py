@@ -22,7 +22,7 @@ from studio.core.lora_ref import parse_lora_ref
 # "folders" (a list of folders, "" allowed), "stack" (LoraSpecs), "lora_text" (FILE[:WEIGHT] or empty)
 PATH_FIELDS: dict[str, dict[str, str]] = {
     "TrainConfig": {"model": "model", "data_dir": "path", "output_dir": "path", "class_data_dir": "path",
-                    "resume": "resume"},
+                    "resume": "resume", "logging_dir": "path"},
     "MergeConfig": {"model": "model", "sources": "refs", "out": "path", "into_base": "path",
                     "references": "folders"},
     "GenerateConfig": {"model": "model", "loras": "stack", "b_lora_content": "lora_text",

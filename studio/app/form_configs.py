@@ -69,6 +69,7 @@ def train_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = Fal
         "prompt": values["prompt"],
         "max_steps": int(values["steps"]),
         "rank": int(values["rank"]),
+        **({"network_type": values["network"]} if values.get("network") else {}),
         "learning_rate": float(values["learning_rate"]),
         "batch_size": int(values["batch_size"]),
         "resolution": int(values["resolution"]),

@@ -281,6 +281,35 @@ def parse_kohya_module(name: str, family: Family | None = None) -> str:
     raise ValueError(f"not a kohya LoRA module name: {name!r}")
 
 
+def kohya_family_of_ldm_names(names: list[str]) -> Family | None:
+    """The family whose UNet layout reads every original (LDM) UNet name of a file; None without any.
+
+    Most LDM paths mean the same module in SD1.5 and SDXL, so the whole file decides: text-encoder names
+    ("lora_te_" is SD1.5, "lora_te1_" / "lora_te2_" SDXL) first, then which layout converts every name
+    (SDXL when both do, as kohya names SDXL files this way).
+
+    >>> kohya_family_of_ldm_names(["lora_unet_input_blocks_1_1_proj_in", "lora_unet_input_blocks_4_1_proj_in"])
+    'sd15'
+    """
+    ldm = [split_underscored(n[len("lora_unet_") :]) for n in names if n.startswith("lora_unet_")]
+    ldm = [p for p in ldm if p.split(".")[0] in _LDM_UNET_ROOTS]
+    if not ldm:
+        return None
+    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in names):
+        return "sdxl"
+    order: tuple[Family, ...] = (
+        ("sd15", "sdxl") if any(n.startswith("lora_te_") for n in names) else ("sdxl", "sd15")
+    )
+    for family in order:
+        try:
+            for path in ldm:
+                unet_ldm_to_diffusers(path, family)
+        except ValueError:
+            continue
+        return family
+    return None
+
+
 def _ldm_unet_to_diffusers_any(path: str, family: Family | None) -> str:
     families: tuple[Family, ...] = (family,) if family else ("sdxl", "sd15")
     for fam in families:

@@ -1,13 +1,14 @@
 """LoRA files in every common format, read into one in-memory form and written back.
 
 One representation whatever the source (studio.core.lora_set): a LoraSet maps canonical module paths to
-LoraModule(down, up, alpha). The key layouts are studio.core.lora_formats; the checks every file passes,
-studio.core.lora_checks.
+modules (LoRA / LoCon / Tucker / DoRA factors, or LyCORIS LoHa / LoKr). The key layouts are
+studio.core.lora_formats; the checks every file passes, studio.core.lora_checks.
 
-Read: kohya / A1111 / ComfyUI keys (lora_unet_, lora_te_, lora_te1_, lora_te2_; SD1.5 diffusers paths and
-SDXL original paths; with or without .alpha), diffusers / PEFT keys (lora_A / lora_B, optional
-lora_adapter_metadata for alphas), the old diffusers keys (.lora.down, .lora_linear_layer.down,
-.processor.to_q_lora.down), and B-LoRA files (which are PEFT files touching up_blocks.0.attentions.0/1).
+Read: kohya / A1111 / ComfyUI / LyCORIS keys (lora_unet_, lora_te_, lora_te1_, lora_te2_; diffusers or
+original UNet paths for either family; with or without .alpha; LoCon, Tucker, DoRA, LoHa, LoKr), diffusers /
+PEFT keys (lora_A / lora_B, lora_magnitude_vector, PEFT's LoHa / LoKr names; alphas from .alpha keys,
+diffusers' lora_adapter_metadata or a PEFT folder's adapter_config.json), PEFT save_pretrained folders, the
+old diffusers keys (.lora.down, .lora_linear_layer.down, .processor.to_q_lora.down), and B-LoRA files.
 Write: kohya format by default (loads in A1111, ComfyUI and diffusers), PEFT format on request.
 """
 
@@ -18,16 +19,24 @@ from typing import Literal
 
 import torch
 
+from studio.core.adapter_config import WEIGHTS_NAME, folder_config, is_adapter_folder
 from studio.core.errors import BadFileError, FamilyMismatchError, KeyMismatchError, StudioError
 from studio.core.families import FAMILY_NAMES, Family
 from studio.core.io import atomic_save_safetensors, is_pickle, load_pickle_tensors, read_safetensors
-from studio.core.lora_checks import check_modules
 from studio.core.lora_formats import kohya_metadata, read_modules, to_kohya_state_dict, to_peft_state_dict
-from studio.core.lora_set import B_LORA_CONTENT, B_LORA_STYLE, LoraFormat, LoraModule, LoraSet
+from studio.core.lora_keys import B_LORA_CONTENT, B_LORA_STYLE, detect_lora_family
+from studio.core.lora_set import (
+    AnyModule,
+    LoraFormat,
+    LoraModule,
+    LoraSet,
+    LycorisModule,
+)
 
 __all__ = [
-    "B_LORA_CONTENT", "B_LORA_STYLE", "LoraFormat", "LoraModule", "LoraSet", "check_against_model",
-    "detect_lora_family", "fit_to_model", "lora_from_state_dict", "read_lora", "write_lora",
+    "B_LORA_CONTENT", "B_LORA_STYLE", "AnyModule", "LoraFormat", "LoraModule", "LoraSet", "LycorisModule",
+    "check_against_model", "detect_lora_family", "fit_to_model", "lora_from_state_dict", "read_lora",
+    "write_lora",
 ]  # fmt: skip
 
 
@@ -36,14 +45,23 @@ __all__ = [
 
 
 def read_lora(path: str | Path, *, allow_pickle: bool = False) -> LoraSet:
-    """Read a LoRA file of any supported format.
+    """Read a LoRA file of any supported format, or a PEFT save_pretrained folder.
 
     >>> lora = read_lora("my_style.safetensors")  # doctest: +SKIP
     >>> lora.family, lora.source_format, lora.ranks  # doctest: +SKIP
     ('sdxl', 'kohya', [16])
     """
     path = Path(path)
-    if allow_pickle and is_pickle(path):
+    config = None
+    if is_adapter_folder(path):
+        config = folder_config(path)
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise BadFileError(
+                f"{path}: a PEFT adapter folder needs {WEIGHTS_NAME} beside adapter_config.json."
+            )
+        state, metadata = read_safetensors(weights)
+    elif allow_pickle and is_pickle(path):
         state = load_pickle_tensors(path)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         if not isinstance(state, dict):
@@ -53,53 +71,23 @@ def read_lora(path: str | Path, *, allow_pickle: bool = False) -> LoraSet:
     else:
         state, metadata = read_safetensors(path)
     try:
-        lora = lora_from_state_dict(state, metadata)
+        lora = lora_from_state_dict(state, metadata, config=config)
     except StudioError as exc:
         raise type(exc)(f"{path}: {exc}") from None
     lora.path = path
     return lora
 
 
-def lora_from_state_dict(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> LoraSet:
+def lora_from_state_dict(
+    state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, *, config=None
+) -> LoraSet:
     """Build a checked LoraSet from the tensors of a LoRA file (format detected from the keys)."""
     metadata = dict(metadata or {})
     if not state:
         raise BadFileError("the file holds no tensors.")
-    modules, fmt = read_modules(state, metadata)
-    check_modules(modules)
-    family = detect_lora_family(modules, metadata)
+    modules, fmt = read_modules(state, metadata, config)
+    family = detect_lora_family({p: m.weight_shape for p, m in modules.items()}, metadata)
     return LoraSet(modules, family, metadata, fmt)
-
-
-def detect_lora_family(
-    modules: dict[str, LoraModule], metadata: dict[str, str] | None = None
-) -> Family | None:
-    """sd15 / sdxl from metadata, then key structure, then cross-attention widths; None if it cannot tell."""
-    metadata = metadata or {}
-    version = (
-        metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")
-    ).lower()
-    if "xl" in version:
-        return "sdxl"
-    if "v1" in version or "sd_v1" in version:
-        return "sd15"
-    paths = list(modules)
-    if any(p.startswith("text_encoder_2.") for p in paths):
-        return "sdxl"
-    unet = [p[len("unet.") :] for p in paths if p.startswith("unet.")]
-    # Structure: SDXL has attention in up_blocks.0 and none in down_blocks.0; SD1.5 the reverse,
-    # and SD1.5 has a 4th down/up block.
-    if any(
-        p.startswith(("up_blocks.0.attentions", "down_blocks.2.attentions.0.transformer_blocks.1"))
-        for p in unet
-    ):
-        return "sdxl"
-    if any(p.startswith(("down_blocks.0.attentions", "down_blocks.3", "up_blocks.3")) for p in unet):
-        return "sd15"
-    for path, m in modules.items():  # real widths of cross-attention keys
-        if path.endswith("attn2.to_k") and m.down.dim() == 2:
-            return {768: "sd15", 2048: "sdxl"}.get(int(m.down.shape[1]))
-    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,35 +116,41 @@ def check_against_model(lora: LoraSet, family: Family, module_shapes: dict[str, 
             f"{label}: {len(missing)} of its modules do not exist in this model (e.g. {missing[0]})."
         )
     for path, m in lora.modules.items():
-        if not _fits(m, module_shapes[path]):
-            got = (m.up.shape[0], *m.down.shape[1:])
+        if not fits(m.weight_shape, module_shapes[path]):
             raise KeyMismatchError(
-                f"{label}: module {path} has shape {tuple(got)} but the model's is {module_shapes[path]}. "
-                "The LoRA was made for a model with different layer sizes."
+                f"{label}: module {path} has shape {tuple(m.weight_shape)} but the model's is "
+                f"{module_shapes[path]}. The LoRA was made for a model with different layer sizes."
             )
 
 
-def _fits(m: LoraModule, expected: tuple[int, ...]) -> bool:
-    """A LoRA module fits a weight when out/in widths and kernel match (Linear == 1x1 conv)."""
-    if m.up.shape[0] != expected[0] or m.down.shape[1] != expected[1]:
+def fits(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """A module's weight shape fits a model weight when out / in widths and kernel match (Linear == 1x1
+    conv; a conv stored flattened, (out, in * kh * kw), fits by its total input size)."""
+    if shape[0] != expected[0]:
         return False
-    return (tuple(expected[2:]) or (1, 1)) == (tuple(m.down.shape[2:]) or (1, 1))
+    if len(shape) == 2 and len(expected) == 4 and shape[1] == expected[1] * expected[2] * expected[3]:
+        return True
+    if shape[1] != expected[1]:
+        return False
+    return (tuple(expected[2:]) or (1, 1)) == (tuple(shape[2:]) or (1, 1))
 
 
 def fit_to_model(lora: LoraSet, module_shapes: dict[str, tuple[int, ...]]) -> LoraSet:
     """Reshape factors to the kind of module they adapt (2-D for Linear, 4-D for Conv2d).
 
     Files disagree on 1x1 convs (kohya stores SD1.5's proj_in as 4-D, converters sometimes 2-D);
-    peft needs the factors shaped like its own lora_A / lora_B layers.
+    peft needs the factors shaped like its own lora_A / lora_B layers. LoHa / LoKr modules are kept as they
+    are: their deltas are reshaped to the weight where they are used.
     """
     check_against_model(lora, lora.family or _family_from_shapes(module_shapes), module_shapes)
-    out = {}
+    out: dict[str, AnyModule] = {}
     for path, m in lora.modules.items():
-        conv = len(module_shapes[path]) == 4
-        if conv and m.down.dim() == 2:
-            m = LoraModule(m.down[:, :, None, None], m.up[:, :, None, None], m.alpha)
-        elif not conv and m.down.dim() == 4:
-            m = LoraModule(m.down.flatten(1), m.up.flatten(1), m.alpha)
+        if isinstance(m, LoraModule):
+            conv = len(module_shapes[path]) == 4
+            if conv and m.down.dim() == 2:
+                m = LoraModule(m.down[:, :, None, None], m.up[:, :, None, None], m.alpha, m.mid, m.dora_scale)
+            elif not conv and m.down.dim() == 4:
+                m = LoraModule(m.down.flatten(1), m.up.flatten(1), m.alpha, m.mid, m.dora_scale)
         out[path] = m
     return LoraSet(out, lora.family, dict(lora.metadata), lora.source_format, lora.path)
 

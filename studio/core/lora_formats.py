@@ -1,178 +1,66 @@
-"""The key layouts of LoRA files: which format a state dict is in, reading each into LoraModules, writing.
+"""The key layouts of LoRA files: reading a file's tensors into modules, and writing modules back.
 
-Read: kohya / A1111 / ComfyUI keys (lora_unet_, lora_te_, lora_te1_, lora_te2_; SD1.5 diffusers or original
-paths, SDXL original paths; with or without .alpha), diffusers / PEFT keys (lora_A / lora_B, with alphas
-from .alpha keys or diffusers' lora_adapter_metadata), the old diffusers keys (.lora.down,
-.lora_linear_layer.down, .processor.to_q_lora.down). Write: kohya keys with alpha, or PEFT keys with
-alpha/rank folded into lora_B.
-
-Everything a file claims is checked as it is read (studio.core.lora_checks): a hostile or damaged file
-ends in a BadFileError / KeyMismatchError naming what is wrong, never in a traceback.
+Which key is which (kohya / A1111 / ComfyUI / LyCORIS, diffusers / PEFT, old diffusers) is
+studio.core.lora_keys; the checks are studio.core.lora_checks; alphas kept outside the tensors (PEFT's
+adapter_config.json, diffusers' lora_adapter_metadata) are studio.core.adapter_config.
+Write: kohya keys (LoRA / LoCon / Tucker / DoRA / LoHa / LoKr in the layout A1111, ComfyUI and LyCORIS
+load), or PEFT keys (plain LoRA only) with alpha / rank folded into lora_B.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from datetime import UTC, datetime
 
 import torch
 
-from studio.core.errors import BadFileError, KeyMismatchError
+from studio.core.adapter_config import AdapterConfig, metadata_configs
+from studio.core.errors import StudioError
 from studio.core.families import Family
-from studio.core.keys import canonical_peft_path, is_kohya_name, kohya_module_name, parse_kohya_module
-from studio.core.lora_checks import metadata_number, scalar_alpha
-from studio.core.lora_set import LoraFormat, LoraModule, LoraSet
+from studio.core.keys import kohya_module_name
+from studio.core.lora_checks import check_layout, check_tensor_values, scalar_alpha
+from studio.core.lora_keys import group_keys
+from studio.core.lora_set import AnyModule, LoraFormat, LoraModule, LoraSet, LycorisModule
 
 # --------------------------------------------------------------------------------------------------
 # reading
 
 
 def read_modules(
-    state: dict[str, torch.Tensor], metadata: dict[str, str]
-) -> tuple[dict[str, LoraModule], LoraFormat]:
-    """The modules of a state dict, and the key format they were read from."""
-    _refuse_unsupported(state)
-    fmt = detect_format(state)
-    if fmt == "kohya":
-        return _read_kohya(state), fmt
-    if fmt == "peft":
-        return _read_peft(state, metadata), fmt
-    return _read_old_diffusers(state), fmt
+    state: dict[str, torch.Tensor], metadata: dict[str, str], config: AdapterConfig | None = None
+) -> tuple[dict[str, AnyModule], LoraFormat]:
+    """The checked modules of a state dict, and the key format they were read from.
 
-
-def detect_format(state: dict[str, torch.Tensor]) -> LoraFormat:
-    keys = list(state)
-    if any(is_kohya_name(k) for k in keys):
-        return "kohya"
-    if any(".lora_A." in k or ".lora_B." in k for k in keys):
-        return "peft"
-    if any(re.search(r"(\.lora\.|_lora\.|\.lora_linear_layer\.)(down|up)\.", k) for k in keys):
-        return "diffusers_old"
-    sample = ", ".join(keys[:3])
-    raise KeyMismatchError(
-        f"no LoRA keys found (first keys: {sample}). Is this a full model checkpoint rather than a LoRA? "
-        "Supported: kohya/A1111 (lora_unet_...), diffusers/PEFT (lora_A/lora_B) and old diffusers (.lora.down)."
+    `config`: a PEFT folder's adapter_config.json, which holds the alphas its tensors lack.
+    """
+    groups = group_keys(state)
+    layouts = check_layout(
+        groups, {k: str(t.dtype) for k, t in state.items()}, {k: tuple(t.shape) for k, t in state.items()}
     )
+    configs = metadata_configs(metadata) if groups.format == "peft" else {}
+    modules: dict[str, AnyModule] = {}
+    for path, roles in groups.modules.items():
+        tensors = {role: state[key] for role, key in roles.items() if role != "alpha"}
+        for role, tensor in tensors.items():
+            check_tensor_values(path, role, tensor)
+        alpha = _alpha(path, roles, state, layouts[path].rank, config or configs.get(path.partition(".")[0]))
+        modules[path] = build_module(path, layouts[path].kind, tensors, alpha)
+    return modules, groups.format  # type: ignore[return-value]
 
 
-def _refuse_unsupported(state: dict[str, torch.Tensor]) -> None:
-    markers = (
-        (".hada_w1", "LyCORIS LoHa"),
-        (".lokr_w1", "LyCORIS LoKr"),
-        (".lora_mid.", "LyCORIS LoCon with Tucker decomposition"),
-        (".dora_scale", "DoRA"),
-        (".lora_magnitude_vector", "DoRA"),
-        (".diff", "full weight-difference"),
-    )
-    for key in state:
-        for marker, kind in markers:
-            if marker in key and (marker != ".diff" or key.endswith((".diff", ".diff_b"))):
-                raise KeyMismatchError(
-                    f"this is a {kind} file; LoRA Studio reads plain LoRA (and LoCon) files only. "
-                    "Convert it to a plain LoRA first (for example by extracting a LoRA from the merged model)."
-                )
+def _alpha(path, roles, state, rank, config: AdapterConfig | None) -> float | None:
+    if "alpha" in roles:
+        return scalar_alpha(float(state[roles["alpha"]].reshape(()).to(torch.float64)), path)
+    return config.alpha(path, rank) if config is not None else None
 
 
-def _read_kohya(state: dict[str, torch.Tensor]) -> dict[str, LoraModule]:
-    names = {k.split(".", 1)[0] for k in state}
-    modules: dict[str, LoraModule] = {}
-    for name in sorted(names):
-        down, up = state.get(f"{name}.lora_down.weight"), state.get(f"{name}.lora_up.weight")
-        if down is None or up is None:
-            if down is None and up is None:
-                continue  # e.g. a stray alpha or an embedding stored alongside
-            raise BadFileError(f"module {name} has a lora_{'up' if down is None else 'down'} weight only.")
-        try:
-            path = parse_kohya_module(name)
-        except ValueError as exc:
-            raise KeyMismatchError(str(exc)) from None
-        alpha = state.get(f"{name}.alpha")
-        modules[path] = LoraModule(down, up, None if alpha is None else scalar_alpha(alpha, path))
-    return modules
-
-
-_PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.default)?\.weight$")
-
-
-def _read_peft(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, LoraModule]:
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    alphas: dict[str, float] = {}
-    for key, tensor in state.items():
-        if key.endswith(".alpha"):
-            path = canonical_peft_path(key[: -len(".alpha")])
-            alphas[path] = scalar_alpha(tensor, path)
-            continue
-        m = _PEFT_KEY.match(key)
-        if not m:
-            continue
-        factors.setdefault(canonical_peft_path(m[1]), {})[m[2]] = tensor
-    adapter_meta = _peft_adapter_metadata(metadata)
-    modules = {}
-    for path, ab in sorted(factors.items()):
-        if set(ab) != {"A", "B"}:
-            raise BadFileError(f"module {path} has lora_{'B' if 'A' in ab else 'A'} missing.")
-        alpha = alphas.get(path, _alpha_from_metadata(path, adapter_meta))
-        modules[path] = LoraModule(ab["A"], ab["B"], alpha)
-    return modules
-
-
-def _peft_adapter_metadata(metadata: dict[str, str]) -> dict:
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return {}
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
-        raise BadFileError("malformed lora_adapter_metadata JSON in the file's metadata.") from None
-    if not isinstance(meta, dict):
-        raise BadFileError("lora_adapter_metadata in the file's metadata is not a JSON object.")
-    return meta
-
-
-def _alpha_from_metadata(path: str, meta: dict) -> float | None:
-    """Alpha of a module from diffusers' lora_adapter_metadata ({"unet.lora_alpha": .., "unet.alpha_pattern": ..})."""
-    component, _, module = path.partition(".")
-    pattern = meta.get(f"{component}.alpha_pattern") or {}
-    if not isinstance(pattern, dict):
-        raise BadFileError(f"lora_adapter_metadata: {component}.alpha_pattern is not a table of alphas.")
-    for key, value in pattern.items():
-        if module == key or module.endswith("." + str(key)) or _matches(str(key), module):
-            return metadata_number(value, f"{component}.alpha_pattern[{key!r}]")
-    if f"{component}.lora_alpha" in meta:
-        return metadata_number(meta[f"{component}.lora_alpha"], f"{component}.lora_alpha")
-    return None
-
-
-def _matches(pattern: str, module: str) -> bool:
-    """peft reads pattern keys as regexes; one that is not a valid regex is an error in the file."""
-    try:
-        return re.fullmatch(pattern, module) is not None
-    except (re.error, RecursionError):
-        raise BadFileError(f"lora_adapter_metadata: {pattern!r} is not a valid module pattern.") from None
-
-
-_OLD_KEY = re.compile(r"^(.*?)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
-_OLD_PROCESSOR_KEY = re.compile(r"^(.*?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
-
-
-def _read_old_diffusers(state: dict[str, torch.Tensor]) -> dict[str, LoraModule]:
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        if m := _OLD_PROCESSOR_KEY.match(key):
-            proj = "to_out.0" if m[2] == "to_out" else m[2]
-            path, which = f"{m[1]}.{proj}", m[3]
-        elif m := _OLD_KEY.match(key):
-            path, which = m[1], m[2]
-        else:
-            continue
-        factors.setdefault(canonical_peft_path(path), {})[which] = tensor
-    modules = {}
-    for path, f in sorted(factors.items()):
-        if set(f) != {"down", "up"}:
-            raise BadFileError(f"module {path} has only one of its two LoRA factors.")
-        modules[path] = LoraModule(f["down"], f["up"], None)
-    return modules
+def build_module(path: str, kind: str, tensors: dict[str, torch.Tensor], alpha: float | None) -> AnyModule:
+    """A module from its factors by role (see studio.core.lora_keys)."""
+    dora = tensors.get("dora_scale")
+    if kind == "lora":
+        return LoraModule(tensors["down"], tensors["up"], alpha, tensors.get("mid"), dora)
+    factors = {r: t for r, t in tensors.items() if r != "dora_scale"}
+    return LycorisModule(kind, factors, alpha, dora, path)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,13 +68,20 @@ def _read_old_diffusers(state: dict[str, torch.Tensor]) -> dict[str, LoraModule]
 
 
 def to_kohya_state_dict(lora: LoraSet, family: Family) -> dict[str, torch.Tensor]:
-    """kohya / A1111 / ComfyUI keys; alpha always written (alpha = rank when the source had none)."""
+    """kohya / A1111 / ComfyUI / LyCORIS keys; alpha always written (alpha = rank when the source had none)."""
     out: dict[str, torch.Tensor] = {}
     for path, m in lora.modules.items():
         name = kohya_module_name(path, family)
-        out[f"{name}.lora_down.weight"] = m.down
-        out[f"{name}.lora_up.weight"] = m.up
-        out[f"{name}.alpha"] = torch.tensor(float(m.alpha if m.alpha is not None else m.rank))
+        if isinstance(m, LoraModule):
+            out[f"{name}.lora_down.weight"] = m.down
+            out[f"{name}.lora_up.weight"] = m.up
+            if m.mid is not None:
+                out[f"{name}.lora_mid.weight"] = m.mid
+        else:
+            out.update({f"{name}.{role}": t for role, t in m.factors_.items()})
+        if m.dora_scale is not None:
+            out[f"{name}.dora_scale"] = m.dora_scale
+        out[f"{name}.alpha"] = torch.tensor(float(m.alpha if m.alpha is not None else (m.rank or 1)))
     return out
 
 
@@ -194,6 +89,12 @@ def to_peft_state_dict(lora: LoraSet) -> dict[str, torch.Tensor]:
     """diffusers / PEFT keys with each module's alpha/rank folded into lora_B, so every tool gets the same delta."""
     out: dict[str, torch.Tensor] = {}
     for path, m in lora.modules.items():
+        if not isinstance(m, LoraModule) or not m.is_lowrank:
+            raise StudioError(
+                f"module {path} is a {m.variant} module, which the PEFT key layout cannot hold; "
+                "write the kohya format (the default), which A1111, ComfyUI and LyCORIS read."
+            )
+        m = m.lowrank()
         out[f"{path}.lora_A.weight"] = m.down
         out[f"{path}.lora_B.weight"] = m.up * m.scale if m.scale != 1.0 else m.up
     return out
@@ -201,10 +102,12 @@ def to_peft_state_dict(lora: LoraSet) -> dict[str, torch.Tensor]:
 
 def kohya_metadata(lora: LoraSet, family: Family, extra: dict[str, str] | None = None) -> dict[str, str]:
     """ss_* and modelspec.* fields that A1111, ComfyUI and kohya tools read."""
-    ranks, alphas = lora.ranks, lora.alphas
+    ranks, alphas = lora.ranks or [1], lora.alphas
+    kinds = {m.kind for m in lora.modules.values()}
+    lycoris = kinds - {"lora"} or lora.needs_base or any(m.variant == "tucker" for m in lora.modules.values())
     arch = "stable-diffusion-xl-v1-base/lora" if family == "sdxl" else "stable-diffusion-v1/lora"
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
         "ss_network_dim": str(ranks[0] if len(ranks) == 1 else max(ranks)),
         "ss_network_alpha": f"{alphas[0] if len(alphas) == 1 else max(alphas):g}",
         "ss_base_model_version": "sdxl_base_v1-0" if family == "sdxl" else "sd_v1",
@@ -218,8 +121,17 @@ def kohya_metadata(lora: LoraSet, family: Family, extra: dict[str, str] | None =
         "modelspec.title": (lora.path.stem if lora.path else "lora"),
         "studio_blocks": ",".join(lora.blocks),
     }
+    args = {}
     if len(ranks) > 1:
-        meta["ss_network_args"] = json.dumps({"ranks": ranks})
+        args["ranks"] = ranks
+    if lycoris:  # what LyCORIS' own kohya network writes, which A1111 and kohya tools show
+        args["algo"] = next(
+            (k for k in ("loha", "lokr") if k in kinds), "locon" if not lora.needs_base else "lora"
+        )
+        if lora.needs_base:
+            args["dora_wd"] = True
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
     meta.update(
         {k: v for k, v in lora.metadata.items() if not k.startswith(("ss_network_", "modelspec.date"))}
     )

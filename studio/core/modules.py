@@ -68,11 +68,13 @@ def base_weight(pipe, path: str) -> torch.Tensor:
 def apply_to_pipeline(
     lora: LoraSet, pipe, weight: float = 1.0, block_weights: dict[str, float] | None = None
 ) -> None:
-    """Add weight * delta of every module to the pipeline's weights in place (what 'merge into base' does)."""
+    """Add weight * delta of every module to the pipeline's weights in place (what 'merge into base' does).
+
+    Every delta is taken against the weights as they were (DoRA's depends on them), then all are added."""
     for path, m in lora.modules.items():
         scale = weight * (block_weights.get(block_of(path) or "", 1.0) if block_weights else 1.0)
         if scale == 0:
             continue
         target = base_weight(pipe, path)
-        delta = m.delta(torch.float32).to(target.device)
+        delta = m.delta(target.detach() if m.needs_base else None).to(target.device)
         target.add_((scale * delta).reshape(target.shape).to(target.dtype))

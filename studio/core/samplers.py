@@ -13,28 +13,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
-
 from studio.core.errors import ConfigError
 
 _DPM = {"algorithm_type": "dpmsolver++", "solver_order": 2}
-SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "Euler": (EulerDiscreteScheduler, {"use_karras_sigmas": False}),
-    "Euler a": (EulerAncestralDiscreteScheduler, {}),
-    "DPM++ 2M": (DPMSolverMultistepScheduler, _DPM | {"use_karras_sigmas": False}),
-    "DPM++ 2M Karras": (DPMSolverMultistepScheduler, _DPM | {"use_karras_sigmas": True}),
+# name -> (diffusers scheduler class name, options); classes are imported when a sampler is made, so
+# checking a name costs no diffusers import
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "Euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", _DPM | {"use_karras_sigmas": False}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", _DPM | {"use_karras_sigmas": True}),
     "DPM++ 2M SDE Karras": (
-        DPMSolverMultistepScheduler,
+        "DPMSolverMultistepScheduler",
         _DPM | {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
     ),
-    "DDIM": (DDIMScheduler, {}),
-    "UniPC": (UniPCMultistepScheduler, {"use_karras_sigmas": False}),
+    "DDIM": ("DDIMScheduler", {}),
+    "UniPC": ("UniPCMultistepScheduler", {"use_karras_sigmas": False}),
 }
 
 
@@ -53,9 +47,12 @@ def scheduler_name(name: str) -> str:
 
 def make_sampler(name: str, base_config: Mapping[str, Any]):
     """A fresh scheduler of kind `name` with the noise schedule of `base_config` (a model's scheduler config)."""
-    cls, options = SCHEDULERS[scheduler_name(name)]
+    import diffusers
+
+    class_name, options = SCHEDULERS[scheduler_name(name)]
+    cls = getattr(diffusers, class_name)
     config = {k: v for k, v in base_config.items() if not k.startswith("_")}
     config.pop("use_karras_sigmas", None)
-    if cls is DDIMScheduler:
+    if class_name == "DDIMScheduler":
         config["clip_sample"] = False  # latent diffusion never clips; DDIM's own default would
     return cls.from_config({**config, **options})

@@ -16,6 +16,8 @@ call (16-100 ms) and its per-block dict form reaches only `*.attentions.N` modul
 blocks without attention; `set_scale` on a pre-collected list of layers is exact and takes ~0.35 ms.
 Why `inject_adapter_in_model` instead of `pipe.load_lora_weights`: it is the same peft call diffusers makes,
 works alike for the UNet and both text encoders, and is ~1.5x faster without diffusers' format sniffing.
+LoRA, LoCon and Tucker modules become peft LoRA layers; LoHa, LoKr and DoRA modules become DeltaLayers
+(delta_layers.py), which the pool drives the same way.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from studio.core.errors import BadFileError
 from studio.core.families import COMPONENTS, Family
 from studio.core.keys import canonical_path
 from studio.core.lora_files import LoraSet, check_against_model, fit_to_model, read_lora
-from studio.core.modules import model_module_shapes, model_path
+from studio.core.modules import model_module_shapes, model_path, resolve_module
 from studio.core.peft_glue import (
     LoraLayer,
     delete_lora,
@@ -40,6 +42,7 @@ from studio.core.peft_glue import (
     per_sample_adapters,
     set_active,
 )
+from studio.generation.delta_layers import DeltaLayer
 
 # (resolved path, mtime in ns, size): a file that changes on disk gets a new key and is read again.
 FileKey = tuple[str, int, int]
@@ -80,8 +83,9 @@ class Adapter:
     family: Family | None
     blocks: tuple[str, ...]  # block ids the file has modules in
     is_b_lora: bool
-    # every peft layer holding this adapter, with the block id of the module it wraps
-    layers: list[tuple[LoraLayer, str | None]] = field(default_factory=list, repr=False)
+    # every layer (peft LoraLayer or DeltaLayer) holding this adapter, with the block id of its module
+    layers: list[tuple[LoraLayer | DeltaLayer, str | None]] = field(default_factory=list, repr=False)
+    kinds: tuple[str, ...] = ()  # LoRA, LoCon, LoHa, LoKr, DoRA ...
 
     @property
     def path(self) -> Path:
@@ -108,7 +112,8 @@ class AdapterPool:
         self._adapters: dict[tuple[FileKey, int], Adapter] = {}  # insertion order = least recent first
         self._counter = 0
         self._shapes: dict[str, tuple[int, ...]] | None = None
-        self._layers: dict[str, list[tuple[str, LoraLayer]]] = {}  # component -> (module path, layer)
+        self._layers: dict[str, list[tuple[str, LoraLayer | DeltaLayer]]] = {}  # component -> (path, layer)
+        self._delta_layers: dict[str, DeltaLayer] = {}  # canonical module path -> its DeltaLayer
         self._in_use: list[str] = []  # adapters of the current stack, in stack order
         self.fused_signature: tuple | None = None
 
@@ -142,21 +147,24 @@ class AdapterPool:
         try:
             for component in COMPONENTS:
                 modules = {  # module names inside the component (CLIP's "text_model." level varies)
-                    model_path(self.pipe, p): m
+                    model_path(self.pipe, p): m.lowrank()
                     for p, m in fitted.modules.items()
-                    if p.startswith(component + ".")
+                    if p.startswith(component + ".") and m.is_lowrank
                 }
                 if modules:
                     _inject(getattr(self.pipe, component), name, modules)
+            for path, m in fitted.modules.items():
+                if not m.is_lowrank:
+                    self._delta_layer(path).add(name, m)
         except Exception:
             self._delete(name)  # no half-injected adapter stays behind
             raise
         self._collect_layers()
         layers = [
-            (layer, block_of(canonical_path(component, path)))
-            for component, found in self._layers.items()
+            (layer, block_of(path))
+            for found in self._layers.values()
             for path, layer in found
-            if name in layer.lora_A
+            if _holds(layer, name)
         ]
         return Adapter(
             name=name,
@@ -166,15 +174,26 @@ class AdapterPool:
             blocks=tuple(lora.blocks),
             is_b_lora=lora.is_b_lora,
             layers=layers,
+            kinds=tuple(lora.kinds),
         )
 
+    def _delta_layer(self, path: str) -> DeltaLayer:
+        if path not in self._delta_layers:
+            module = resolve_module(self.pipe, path)
+            self._delta_layers[path] = DeltaLayer(getattr(module, "base_layer", module))
+        return self._delta_layers[path]
+
     def _collect_layers(self) -> None:
+        """Every layer by component, DeltaLayers first: they merge against the unmerged weight (DoRA needs
+        it), so they fuse before and unfuse after peft's layers."""
         self._layers = {}
         for component in COMPONENTS:
             model = getattr(self.pipe, component, None)
             if model is None:
                 continue
-            self._layers[component] = lora_layers(model)
+            deltas = [(p, d) for p, d in self._delta_layers.items() if p.startswith(component + ".")]
+            peft = [(canonical_path(component, n), layer) for n, layer in lora_layers(model)]
+            self._layers[component] = deltas + peft
 
     def _evict(self) -> None:
         """Remove least recently used adapters beyond max_adapters, never one of the current stack."""
@@ -196,6 +215,11 @@ class AdapterPool:
             model = getattr(self.pipe, component, None)
             if model is not None:
                 delete_lora(model, name)
+        for path, layer in list(self._delta_layers.items()):
+            layer.remove(name)
+            if not layer.adapters:
+                layer.close()
+                del self._delta_layers[path]
         self._collect_layers()
 
     @property
@@ -229,7 +253,8 @@ class AdapterPool:
         """
         for component in components:
             for _, layer in self._layers.get(component, ()):
-                set_active(layer, [n for n in names if layer.scaling.get(n, 0.0) != 0.0])
+                acting = [n for n in names if layer.scaling.get(n, 0.0) != 0.0]
+                layer.set_active(acting) if isinstance(layer, DeltaLayer) else set_active(layer, acting)
 
     def active_names(self, component: str = "unet") -> set[str]:
         """Adapters that act in at least one layer of a component right now (read from the layers)."""
@@ -266,8 +291,22 @@ class AdapterPool:
         """Run each sample of the next forward passes through its own adapter: sample i uses names[i]
         (studio.core.peft_glue.per_sample_adapters)."""
         self.unfuse()
-        with per_sample_adapters([layer for _, layer in self._layers.get(component, ())], names):
-            yield
+        layers = self._layers.get(component, ())
+        deltas = [layer for _, layer in layers if isinstance(layer, DeltaLayer)]
+        for layer in deltas:
+            layer.sample_names = list(names)
+        try:
+            with per_sample_adapters(
+                [layer for _, layer in layers if not isinstance(layer, DeltaLayer)], names
+            ):
+                yield
+        finally:
+            for layer in deltas:
+                layer.sample_names = None
+
+
+def _holds(layer: LoraLayer | DeltaLayer, name: str) -> bool:
+    return layer.holds(name) if isinstance(layer, DeltaLayer) else name in layer.lora_A
 
 
 def _inject(model, name: str, modules: dict) -> None:

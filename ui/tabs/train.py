@@ -42,6 +42,10 @@ def build(services) -> None:
                     prior = gr.Checkbox(label="Prior preservation (DreamBooth)")
                     class_prompt = gr.Textbox(label="Class prompt", value="a shape on a blue background")
             with gr.Column():
+                network = gr.Dropdown(
+                    ["lora", "locon", "loha", "lokr", "dora"], value="lora", label="Network",
+                    info="LoRA; LoCon adds the convs; LyCORIS LoHa / LoKr; DoRA (weight-decomposed LoRA)",
+                )  # fmt: skip
                 with gr.Row():
                     steps = gr.Number(value=300, precision=0, label="Steps")
                     rank = gr.Number(value=8, precision=0, label="Rank")
@@ -59,7 +63,7 @@ def build(services) -> None:
         form = Form(
             method=method, preset=preset, model=model, dataset=dataset, name=name, prompt=prompt, steps=steps,
             rank=rank, learning_rate=learning_rate, batch_size=batch_size, resolution=resolution,
-            prior_preservation=prior, class_prompt=class_prompt, more=more,
+            prior_preservation=prior, class_prompt=class_prompt, more=more, network=network,
         )  # fmt: skip
 
         form["method"].change(  # B-LoRA is an SDXL method: offer the SDXL demo model when it is picked

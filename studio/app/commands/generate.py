@@ -23,8 +23,7 @@ from studio.core.options import (
     load_preset,
     parse_set_options,
 )
-from studio.generation import GenerateConfig, GeneratedImage, GenerationService, LoraSpec, config_from_record
-from studio.generation.records import read_record
+from studio.generation.config import GenerateConfig, LoraSpec, config_from_record
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -59,6 +58,8 @@ def config_from_cli(args: argparse.Namespace) -> GenerateConfig:
     if not args.from_image:
         cfg = config_from_args(GenerateConfig, args, preset_kind="generate")
     else:
+        from studio.generation.records import read_record
+
         base = config_from_record(read_record(args.from_image))
         values = {f.name: getattr(base, f.name) for f in fields(base)}
         if args.preset:
@@ -76,7 +77,9 @@ def config_from_cli(args: argparse.Namespace) -> GenerateConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_cli(args)
 
-    def report(result: GeneratedImage) -> None:
+    from studio.generation.service import GenerationService
+
+    def report(result) -> None:
         print(f"{result.path}  seed {result.seed}  {result.seconds:.1f} s", flush=True)
 
     images = GenerationService().generate(cfg, on_image=report, save=True)

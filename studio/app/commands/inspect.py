@@ -10,44 +10,64 @@ from pathlib import Path
 from studio.core.blocks import block_of
 from studio.core.errors import StudioError
 from studio.core.families import FAMILY_NAMES
-from studio.core.lora_files import LoraSet, read_lora
+from studio.core.io import is_pickle
+from studio.core.lora_summary import LoraSummary, ModuleSummary, summarize_lora
 from studio.core.text import escape_controls
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show what is inside a LoRA file", description=__doc__)
-    p.add_argument("files", nargs="+", type=Path, help="LoRA files (.safetensors)")
+    p.add_argument("files", nargs="+", type=Path, help="LoRA files (.safetensors) or PEFT adapter folders")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="also read pickle files (.pt/.ckpt/.bin): they can run code",
+        help="also read pickle files (.pt/.ckpt/.bin), as tensors only",
     )
-    p.add_argument("--modules", action="store_true", help="list every module with its rank and alpha")
+    p.add_argument("--modules", action="store_true", help="list every module with its kind, rank and alpha")
     return p
 
 
-def describe(lora: LoraSet) -> dict:
+def summarize(path: Path, allow_pickle: bool) -> LoraSummary:
+    """A checked summary: from the header and bytes (no torch), or through torch for an allowed pickle."""
+    if not (allow_pickle and is_pickle(path)):
+        return summarize_lora(path)
+    from studio.core.lora_checks import ModuleLayout
+    from studio.core.lora_files import read_lora
+    from studio.core.lora_set import n_parameters
+
+    lora = read_lora(path, allow_pickle=True)
+    modules = {
+        p: ModuleSummary(ModuleLayout(m.kind, m.variant, m.rank, m.weight_shape), m.alpha)
+        for p, m in lora.modules.items()
+    }
+    dtypes = sorted(
+        {str(t.dtype).removeprefix("torch.") for m in lora.modules.values() for t in m.factors().values()}
+    )
+    return LoraSummary(path, lora.source_format or "?", modules, lora.metadata, dtypes,
+                       n_parameters(lora.modules), lora.family)  # fmt: skip
+
+
+def describe(lora: LoraSummary) -> dict:
     """A JSON-friendly summary of a LoRA."""
     per_block: dict[str, int] = {}
     for path in lora.modules:
         block = block_of(path) or "other"
         per_block[block] = per_block.get(block, 0) + 1
     text_parts = [c for c in lora.components if c.startswith("text_encoder")]
-    size = lora.path.stat().st_size if lora.path else None
-    n_params = sum(m.down.numel() + m.up.numel() for m in lora.modules.values())
-    dtypes = sorted({str(m.down.dtype).replace("torch.", "") for m in lora.modules.values()})
+    size = _size(lora.path)
     info = {
-        "file": str(lora.path) if lora.path else None,
+        "file": str(lora.path),
         "family": lora.family,
-        "format": lora.source_format,
+        "format": lora.format,
+        "kinds": lora.kinds,
         "b_lora": lora.is_b_lora,
         "modules": len(lora.modules),
-        "parameters": n_params,
-        "dtype": dtypes,
+        "parameters": lora.parameters,
+        "dtype": lora.dtypes,
         "ranks": lora.ranks,
         "alphas": lora.alphas,
-        "conv_modules": sum(m.is_conv for m in lora.modules.values()),
+        "conv_modules": sum(len(m.layout.weight_shape) == 4 for m in lora.modules.values()),
         "blocks": lora.blocks,
         "modules_per_block": per_block,
         "unet": "unet" in lora.components,
@@ -63,6 +83,13 @@ def describe(lora: LoraSet) -> dict:
     return info
 
 
+def _size(path: Path) -> int | None:
+    try:
+        return sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+    except OSError:
+        return None
+
+
 def _human(n: int | None) -> str:
     if n is None:
         return "?"
@@ -73,12 +100,13 @@ def _human(n: int | None) -> str:
     return str(n)
 
 
-def print_summary(info: dict, lora: LoraSet, show_modules: bool) -> None:
+def print_summary(info: dict, lora: LoraSummary, show_modules: bool) -> None:
     fam = FAMILY_NAMES.get(info["family"], "unknown (could not tell from keys or metadata)")
     te = ", ".join(info["text_encoders"]) or "none"
     print(escape_controls(f"{info['file']}"))
     print(f"  family        {fam}")
     print(f"  format        {info['format']}{'  (B-LoRA)' if info['b_lora'] else ''}")
+    print(f"  kind          {', '.join(info['kinds'])}")
     print(
         f"  modules       {info['modules']} ({info['conv_modules']} conv), {info['parameters']:,} parameters, {'/'.join(info['dtype'])}"
     )
@@ -101,8 +129,9 @@ def print_summary(info: dict, lora: LoraSet, show_modules: bool) -> None:
     if show_modules:
         print("  modules")
         for path, m in lora.modules.items():
-            alpha = m.alpha if m.alpha is not None else m.rank
-            print(escape_controls(f"    {block_of(path) or '-':6s} {path}  rank {m.rank}  alpha {alpha:g}"))
+            rank = m.layout.rank if m.layout.rank is not None else "full"
+            line = f"    {block_of(path) or '-':6s} {path}  {m.layout.variant}  rank {rank}  alpha {m.shown_alpha:g}"
+            print(escape_controls(line))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     infos, failed = [], 0
     for path in args.files:
         try:
-            lora = read_lora(path, allow_pickle=args.allow_pickle)
+            lora = summarize(path, args.allow_pickle)
         except StudioError as exc:
             failed += 1
             if len(args.files) == 1:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from merging import MergeConfig, MergeResult, run_merge
+from merging.config import MergeConfig
 from studio.core.options import add_config_args, config_from_args
 
 
@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(MergeConfig, args, preset_kind="merge")
+    from merging.run import run_merge
+
     result = run_merge(config, progress=None if args.json else print_progress)
     if args.json:
         print(
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def outputs(result: MergeResult) -> dict[str, str]:
+def outputs(result) -> dict[str, str]:
     found = {"lora": result.out, "mergers": result.sidecar, "checkpoint": result.into_base}
     return {kind: str(path) for kind, path in found.items() if path is not None}
 

@@ -8,6 +8,7 @@ import resource
 import time
 
 import pytest
+from safetensors.torch import save_file
 
 from merging import MergeConfig, run_merge
 from studio.app.cli import main
@@ -18,6 +19,7 @@ from studio.core.options import build_config
 from studio.generation import GenerateConfig, GenerationEngine
 from tests.fixtures.broken_files import broken_files
 from tests.fixtures.lora_random import random_lora
+from tests.fixtures.lycoris_files import lycoris_lora
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +36,9 @@ def cases(tmp_path_factory, tiny_sd15, tiny_sdxl):  # read-only pipelines: only 
             random_lora(tiny_sdxl, "sdxl", rank=3, alpha=1.5, seed=2), folder / "sdxl_kohya.safetensors"
         ),
     }
+    state, _ = lycoris_lora(tiny_sd15, "sd15", "loha_dora")  # LyCORIS keys, DoRA scales, a conv
+    save_file(state, str(folder / "sd15_loha.safetensors"))
+    valid["sd15-loha"] = folder / "sd15_loha.safetensors"
     return valid, broken_files(list(valid.values()), folder / "broken")
 
 

@@ -73,3 +73,22 @@ def test_inspect_bad_file_one_line_error(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "bad.safetensors" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_help_and_inspect_answer_without_torch(lora_files, tiny_sdxl, tmp_path):
+    """The command line stays fast: --help and inspect (LyCORIS files and PEFT folders too) import no torch,
+    diffusers or peft. Timings are in bench/results/cli_cpu.md."""
+    from tests.fixtures.lycoris_files import lycoris_lora
+
+    state, _ = lycoris_lora(tiny_sdxl, "sdxl", "lokr_decomposed")
+    save_file(state, tmp_path / "lokr.safetensors")
+    heavy = "[m for m in ('torch', 'diffusers', 'peft', 'transformers') if m in sys.modules]"
+    for args in (["--help"], ["inspect", str(lora_files["sdxl_kohya"]), str(tmp_path / "lokr.safetensors")]):
+        code = (
+            "import sys, contextlib, io\nfrom studio.app.cli import main\n"
+            f"with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            f"    try:\n        main({args!r})\n    except SystemExit:\n        pass\n"
+            f"print({heavy}, 'LoKr' in out.getvalue() or 'usage' in out.getvalue())"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert done.stdout.strip() == "[] True", (args, done.stdout, done.stderr[-500:])

@@ -1,5 +1,6 @@
 """LoRA adapters in a pipeline: exact weights and block weights, per-sample adapters, fusing, caching."""
 
+import copy
 import os
 
 import numpy as np
@@ -138,3 +139,60 @@ def test_lora_of_the_other_family_is_refused(fresh_sd15, tiny_sdxl, tmp_path):
     with pytest.raises(FamilyMismatchError, match="xl_style.safetensors.*SDXL LoRA.*Stable Diffusion 1.5"):
         pool.load(path)
     assert pool.adapters == [] and not hasattr(fresh_sd15.unet, "peft_config")
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr_decomposed", "dora", "loha_tucker"])
+def test_lycoris_adapters_unfused_fused_and_per_sample(fresh_sdxl, kind, tmp_path):
+    """LyCORIS files in a stack beside a plain LoRA on the same modules: at weight 1 the model does what
+    lycoris-lora's own modules do; at other weights and block weights unfused = fused = merged into the
+    weights; per-sample runs give each sample its own adapter."""
+    from safetensors.torch import save_file
+
+    from tests.fixtures.lycoris_files import lycoris_lora
+    from tests.probes import unet_output
+
+    pipe = fresh_sdxl
+    state, applied = lycoris_lora(pipe, "sdxl", kind)
+    lyco = tmp_path / f"{kind}.safetensors"
+    save_file(state, str(lyco))
+    with applied():
+        reference = unet_output(pipe)
+    plain = save(small_lora(pipe, "sdxl", 3, scale=0.2), tmp_path / "plain.safetensors")
+    pool = AdapterPool(pipe, "sdxl")
+    a, b = pool.load(lyco), pool.load(plain)
+    assert any(k in a.kinds for k in ("LoHa", "LoKr", "DoRA"))
+    pool.activate([(a, 1.0, None)])
+    torch.testing.assert_close(unet_output(pipe), reference, atol=2e-5, rtol=1e-4)
+
+    block_weights = {"BASE": 0.5, "IN04": 2.0}
+    pool.activate([(a, 0.6, block_weights), (b, -0.7, None)])
+    unfused = unet_output(pipe)
+    pool.fuse(("ab",))
+    fused = unet_output(pipe)
+    pool.unfuse()
+    torch.testing.assert_close(unet_output(pipe), unfused)
+    pool.activate([])
+    merged = copy.deepcopy(pipe)
+    apply_to_pipeline(read_lora(lyco), merged, 0.6, block_weights)
+    apply_to_pipeline(read_lora(plain), merged, -0.7)
+    for got in (unfused, fused):
+        torch.testing.assert_close(got, unet_output(merged), atol=2e-5, rtol=1e-4)
+
+    pool.activate([(a, 1.0, None), (b, 1.0, None)])
+    g = torch.Generator().manual_seed(0)
+    cfg = pipe.unet.config
+    x, context = (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.randn(2, 77, cfg.cross_attention_dim, generator=g),
+    )
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    extra = {"text_embeds": torch.randn(2, pooled, generator=g), "time_ids": torch.ones(2, 6) * 64}
+    with torch.no_grad():
+        pool.set_active([a.name])
+        only_a = pipe.unet(x, 500, context, added_cond_kwargs=extra).sample
+        pool.set_active([b.name])
+        only_b = pipe.unet(x, 500, context, added_cond_kwargs=extra).sample
+        with pool.per_sample([a.name, b.name]):
+            mixed = pipe.unet(x, 500, context, added_cond_kwargs=extra).sample
+    torch.testing.assert_close(mixed[0], only_a[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], only_b[1], atol=1e-5, rtol=1e-5)
