@@ -52,6 +52,8 @@ RESERVED_WORDS = (
     "made",
     "gold",
     "style",
+    "left",  # the 128 px world's Pairs: "a red circle on the left and a blue star on the right"
+    "right",
 )
 
 

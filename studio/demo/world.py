@@ -16,14 +16,14 @@ Splits: "base" (base shapes x base styles), "holdout_subject" (held-out shapes, 
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Literal
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from studio.core.errors import ConfigError
+from studio.demo.drawing import paint_frame, paint_shape, shape_polygon
 
 Split = Literal["base", "holdout_subject", "holdout_style", "all"]
 SPLITS: tuple[str, ...] = ("base", "holdout_subject", "holdout_style", "all")
@@ -88,6 +88,23 @@ class Spec:
 
 
 @dataclass(frozen=True)
+class Pair:
+    """Two shapes side by side on one background, in one style: what a prompt with "on the left" and "on
+    the right" draws (the 128 px world's base model learns positions from these)."""
+
+    left: Spec
+    right: Spec
+
+    @property
+    def background(self) -> str:
+        return self.left.background
+
+    @property
+    def style(self) -> str:
+        return self.left.style
+
+
+@dataclass(frozen=True)
 class Sample:
     """One rendered example: the image, its caption and the spec it was drawn from."""
 
@@ -109,6 +126,8 @@ class World:
     size_range: tuple[float, float] = (0.22, 0.34)
     jitter: float = 0.12  # how far the centre may move from the middle
     image_size: int = IMAGE_SIZE
+    pair_share: float = 0.0  # share of `sample`'s scenes that are a Pair (two shapes, left and right)
+    pair_size_range: tuple[float, float] = (0.13, 0.19)
 
     @property
     def shapes(self) -> tuple[str, ...]:
@@ -161,19 +180,43 @@ class World:
             shape, colour, background, style, round(cx, 4), round(cy, 4), round(size, 4), round(angle, 2)
         )
 
-    def sample(self, seed: int, n: int, split: str = "base") -> list[Spec]:
-        """`n` specs from `split`; the same (seed, n, split) always gives the same list."""
+    def random_pair(self, rng: random.Random, shapes: tuple[str, ...], styles: tuple[str, ...]) -> Pair:
+        """Two shapes (colours differ from each other and from the background), one in each half."""
+        colour_a, colour_b = rng.sample(self.colours, 2)
+        background = rng.choice([b for b in self.backgrounds if b not in (colour_a, colour_b)])
+        style = rng.choice(styles)
+        sides = []
+        for colour, cx in ((colour_a, 0.25), (colour_b, 0.75)):
+            shape = rng.choice(shapes)
+            angle = rng.uniform(-12.0, 12.0) if shape != "circle" else 0.0
+            sides.append(Spec(shape, colour, background, style, round(cx + rng.uniform(-0.04, 0.04), 4),
+                              round(0.5 + rng.uniform(-0.1, 0.1), 4), round(rng.uniform(*self.pair_size_range), 4),
+                              round(angle, 2)))  # fmt: skip
+        return Pair(*sides)
+
+    def sample(self, seed: int, n: int, split: str = "base") -> list[Spec | Pair]:
+        """`n` scenes from `split` (a share `pair_share` of them Pairs); the same (seed, n, split) always
+        gives the same list."""
         shapes, styles = self.split_vocab(split)
         rng = random.Random(f"world:{split}:{seed}")
-        return [self.random_spec(rng, shapes, styles) for _ in range(n)]
+        pairs = random.Random(f"pairs:{split}:{seed}")  # a world without pairs draws exactly as before
+        return [
+            self.random_pair(rng, shapes, styles) if pairs.random() < self.pair_share
+            else self.random_spec(rng, shapes, styles)
+            for _ in range(n)
+        ]  # fmt: skip
 
     # ---------------------------------------------------------------- captions
-    def caption(self, spec: Spec, subject: str | None = None, style_word: str | None = None) -> str:
-        """The canonical caption: "a red circle on a blue background" (+ ", striped style" unless flat).
+    def caption(self, spec: Spec | Pair, subject: str | None = None, style_word: str | None = None) -> str:
+        """The canonical caption: "a red circle on a blue background" (+ ", striped style" unless flat);
+        a Pair: "a red circle on the left and a blue star on the right, on a green background".
 
         `subject` replaces "<colour> <shape>" (DreamBooth: "sks shape"); `style_word` replaces the style name.
         """
-        thing = subject if subject is not None else f"{spec.colour} {spec.shape}"
+        if isinstance(spec, Pair):
+            thing = f"{spec.left.colour} {spec.left.shape} on the left and a {spec.right.colour} {spec.right.shape} on the right,"
+        else:
+            thing = subject if subject is not None else f"{spec.colour} {spec.shape}"
         text = f"a {thing} on a {spec.background} background"
         if style_word is not None:
             text += f", {style_word} style"
@@ -181,55 +224,59 @@ class World:
             text += f", {spec.style} style"
         return text
 
-    def caption_variant(self, spec: Spec, rng: random.Random) -> str:
+    def caption_variant(self, spec: Spec | Pair, rng: random.Random) -> str:
         """A training caption: the canonical one most of the time, otherwise with parts left out.
 
-        Leaving parts out teaches the model what each word controls and gives it the class noun "shape".
+        Leaving parts out teaches the model what each word controls and gives it the class noun "shape";
+        a Pair's two sides come in either order.
         """
-        colour = "" if rng.random() < 0.15 else f"{spec.colour} "
-        shape = "shape" if rng.random() < 0.1 else spec.shape
-        text = f"a {colour}{shape}"
-        if rng.random() >= 0.15:
-            text += f" on a {spec.background} background"
+        if isinstance(spec, Pair):
+            sides = [(spec.left, "left"), (spec.right, "right")]
+            if rng.random() < 0.5:
+                sides.reverse()
+            things = [f"a {self._thing(one, rng)} on the {where}" for one, where in sides]
+            text = " and ".join(things)
+            text += f", on a {spec.background} background" if rng.random() >= 0.15 else ""
+        else:
+            text = f"a {self._thing(spec, rng)}"
+            if rng.random() >= 0.15:
+                text += f" on a {spec.background} background"
         if spec.style != "flat" or rng.random() < 0.2:
             text += f", {spec.style} style"
         return text
 
+    @staticmethod
+    def _thing(spec: Spec, rng: random.Random) -> str:
+        colour = "" if rng.random() < 0.15 else f"{spec.colour} "
+        shape = "shape" if rng.random() < 0.1 else spec.shape
+        return f"{colour}{shape}"
+
     # ---------------------------------------------------------------- rendering
-    def render(self, spec: Spec, size: int | None = None) -> Image.Image:
-        """Draw `spec` as a `size` x `size` RGB image (default: the world's image size)."""
+    def render(self, spec: Spec | Pair, size: int | None = None) -> Image.Image:
+        """Draw `spec` (one shape, or a Pair side by side) as a `size` x `size` RGB image (default: the
+        world's image size)."""
         size = size or self.image_size
-        for name, value, allowed in (
-            ("shape", spec.shape, ALL_SHAPES),
-            ("colour", spec.colour, COLOURS),
-            ("background", spec.background, BACKGROUNDS),
-            ("style", spec.style, STYLES),
-        ):
-            if value not in allowed:
-                raise ConfigError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
+        shapes = [spec.left, spec.right] if isinstance(spec, Pair) else [spec]
+        for one in shapes:
+            for name, value, allowed in (
+                ("shape", one.shape, ALL_SHAPES),
+                ("colour", one.colour, COLOURS),
+                ("background", one.background, BACKGROUNDS),
+                ("style", one.style, STYLES),
+            ):
+                if value not in allowed:
+                    raise ConfigError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
         big = size * SUPERSAMPLE
-        fg, bg = COLOUR_RGB[spec.colour], COLOUR_RGB[spec.background]
+        bg = COLOUR_RGB[shapes[0].background]
         canvas = Image.new("RGB", (big, big), bg)
-        points = shape_polygon(spec.shape, spec.cx * big, spec.cy * big, spec.size * big, spec.angle)
-        draw = ImageDraw.Draw(canvas)
         unit = big / UNIT  # one pixel of a 64 px image
-        if spec.style == "shadowed":
-            offset = 3.0 * unit
-            shadow = [(x + offset, y + offset) for x, y in points]
-            draw.polygon(shadow, fill=_mix(bg, (0, 0, 0), 0.55))
-        if spec.style == "framed":  # a border round the whole picture, in the shape's colour
-            width = round(5 * unit)
-            draw.rectangle([0, 0, big - 1, big - 1], outline=fg, width=width)
-        if spec.style == "outlined":
-            draw.polygon(points, outline=fg, width=round(3.5 * unit))
-        elif spec.style in ("striped", "dotted"):
-            mask = Image.new("L", (big, big), 0)
-            ImageDraw.Draw(mask).polygon(points, fill=255)
-            canvas.paste(_pattern(spec.style, fg, big, unit), (0, 0), mask)
-        else:
-            draw.polygon(points, fill=fg)
+        if shapes[0].style == "framed":  # a border round the whole picture, in the (first) shape's colour
+            paint_frame(canvas, COLOUR_RGB[shapes[0].colour], unit)
+        for one in shapes:
+            points = shape_polygon(one.shape, one.cx * big, one.cy * big, one.size * big, one.angle)
+            paint_shape(canvas, points, one.style, COLOUR_RGB[one.colour], bg, unit)
         image = canvas.resize((size, size), Image.Resampling.BOX)
-        if spec.style == "pixel":
+        if shapes[0].style == "pixel":
             cells = UNIT // 4  # 16 cells across at any image size
             image = image.resize((cells, cells), Image.Resampling.BOX).resize(
                 (size, size), Image.Resampling.NEAREST
@@ -277,115 +324,9 @@ class World:
         return [Sample(self.render(s), self.caption(s, style_word=token), s) for s in specs]
 
 
-def _mix(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> tuple[int, int, int]:
-    return tuple(round(x * (1 - t) + y * t) for x, y in zip(a, b))  # type: ignore[return-value]
-
-
-def contrast_shade(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
-    """The second colour of a striped/dotted fill: lighter for dark colours, darker for light ones."""
-    luminance = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]) / 255
-    return _mix(rgb, (255, 255, 255), 0.6) if luminance < 0.55 else _mix(rgb, (0, 0, 0), 0.5)
-
-
-def _pattern(style: str, fg: tuple[int, int, int], big: int, unit: float) -> Image.Image:
-    """A full-canvas fill pattern for striped (diagonal bands) or dotted (grid of dots) shapes."""
-    shade = contrast_shade(fg)
-    pattern = Image.new("RGB", (big, big), fg)
-    draw = ImageDraw.Draw(pattern)
-    if style == "striped":
-        period, band = 20 * unit, 10 * unit  # coarser than a latent cell (8 px): the demo VAE keeps it
-        k = -big
-        while k < big:
-            draw.polygon([(k, 0), (k + band, 0), (k + band + big, big), (k + big, big)], fill=shade)
-            k += period
-    else:
-        spacing, radius = 16 * unit, 4.5 * unit
-        y = spacing / 2
-        while y < big:
-            x = spacing / 2
-            while x < big:
-                draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=shade)
-                x += spacing
-            y += spacing
-    return pattern
-
-
-def shape_polygon(
-    shape: str, cx: float, cy: float, r: float, angle: float = 0.0
-) -> list[tuple[float, float]]:
-    """The outline of `shape` centred at (cx, cy) with circumradius about `r`, rotated by `angle` degrees."""
-    if shape == "circle":
-        pts = [(math.cos(t), math.sin(t)) for t in _turns(64)]
-    elif shape == "square":
-        s = 0.78
-        pts = [(-s, -s), (s, -s), (s, s), (-s, s)]
-    elif shape == "diamond":
-        pts = [(0, -1.0), (0.72, 0), (0, 1.0), (-0.72, 0)]
-    elif shape == "triangle":
-        pts = [(math.cos(t - math.pi / 2), math.sin(t - math.pi / 2) + 0.15) for t in _turns(3)]
-    elif shape == "star":
-        pts = []
-        for i, t in enumerate(_turns(10)):
-            rad = 1.0 if i % 2 == 0 else 0.42
-            pts.append((rad * math.cos(t - math.pi / 2), rad * math.sin(t - math.pi / 2) + 0.08))
-    elif shape == "cross":
-        a, b = 0.3, 0.9
-        pts = [
-            (-a, -b),
-            (a, -b),
-            (a, -a),
-            (b, -a),
-            (b, a),
-            (a, a),
-            (a, b),
-            (-a, b),
-            (-a, a),
-            (-b, a),
-            (-b, -a),
-            (-a, -a),
-        ]
-    elif shape == "heart":
-        pts = []
-        for t in _turns(64):
-            x = 16 * math.sin(t) ** 3
-            y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
-            pts.append((x / 17.0, -y / 17.0 - 0.05))
-    elif shape == "arrow":  # pointing right: a shaft and a head
-        pts = [(-0.95, -0.22), (0.1, -0.22), (0.1, -0.6), (0.95, 0), (0.1, 0.6), (0.1, 0.22), (-0.95, 0.22)]
-    elif shape == "bolt":  # a lightning bolt
-        pts = [
-            (0.2, -1.0),
-            (-0.55, 0.12),
-            (-0.05, 0.12),
-            (-0.25, 1.0),
-            (0.55, -0.2),
-            (0.05, -0.2),
-            (0.35, -1.0),
-        ]
-    elif shape == "moon":
-        # a crescent: the outer circle's far arc, then the inner circle's arc back (circles meet at +-58 deg)
-        outer = [(math.cos(t), math.sin(t)) for t in _span(math.radians(58), math.radians(302), 48)]
-        inner = [
-            (0.5 + 0.85 * math.cos(t), 0.85 * math.sin(t))
-            for t in _span(math.radians(272), math.radians(88), 40)
-        ]
-        pts = [(x + 0.25, y) for x, y in outer + inner]
-    else:
-        raise ConfigError(f"Unknown shape {shape!r}; choose one of {', '.join(ALL_SHAPES)}.")
-    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
-
-
-def _turns(n: int) -> list[float]:
-    return [2 * math.pi * i / n for i in range(n)]
-
-
-def _span(a: float, b: float, n: int) -> list[float]:
-    return [a + (b - a) * i / (n - 1) for i in range(n)]
-
-
 WORLD = World()
-WORLD_128 = World(holdout_shapes=HOLDOUT_SHAPES_128, image_size=128)
+# The larger world: 16 x 16 latents, four held-out subjects, and a third of its scenes Pairs (positions)
+WORLD_128 = World(holdout_shapes=HOLDOUT_SHAPES_128, image_size=128, pair_share=0.3)
 WORLDS = {64: WORLD, 128: WORLD_128}
 
 

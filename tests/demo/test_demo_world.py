@@ -91,3 +91,23 @@ def test_bad_names_fail_clearly():
         WORLD.render(Spec("hexagon", "red", "blue", "flat"))
     with pytest.raises(ConfigError, match="style"):
         WORLD.style_set("cubist")
+
+
+def test_pairs_of_the_larger_world_put_one_shape_in_each_half():
+    from studio.demo.world import WORLD_128, Pair
+
+    scenes = WORLD_128.sample(0, 200, "base")
+    pairs = [s for s in scenes if isinstance(s, Pair)]
+    assert 0.2 < len(pairs) / len(scenes) < 0.4
+    for pair in pairs[:20]:
+        assert pair.left.cx < 0.35 and pair.right.cx > 0.65 and pair.left.colour != pair.right.colour
+        assert pair.background not in (pair.left.colour, pair.right.colour)
+        image = np.asarray(WORLD_128.render(pair)).astype(int)
+        background = np.array(w.COLOUR_RGB[pair.background])
+        left, right = image[:, :64], image[:, 64:]
+        for half, spec in ((left, pair.left), (right, pair.right)):  # each half holds its own shape's colour
+            shape_pixels = np.abs(half - np.array(w.COLOUR_RGB[spec.colour])).sum(-1) < 30
+            assert shape_pixels.sum() > 30, spec
+        assert (np.abs(image - background).sum(-1) < 30).mean() > 0.5
+        caption = WORLD_128.caption(pair)
+        assert f"{pair.left.colour} {pair.left.shape} on the left" in caption and "on the right" in caption
