@@ -41,7 +41,8 @@ def render_samples(pipe, prompts: list[str], folder: Path, step: int, *, seed: i
         paths = []
         for i, prompt in enumerate(prompts):
             image = render(pipe, prompt, seed=seed + i, steps=steps, guidance=guidance, size=size)
-            paths.append(write_png(image, folder / f"step-{step:06d}-{i}.png"))
+            text = {"studio_sample": f"step {step}", "prompt": prompt, "seed": str(seed + i)}
+            paths.append(write_png(image, folder / f"step-{step:06d}-{i}.png", text))
         return paths
     finally:
         unet.train(was_training)

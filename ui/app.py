@@ -10,7 +10,7 @@ from __future__ import annotations
 import gradio as gr
 
 from studio.app.services import Services, build_services
-from ui.tabs import dataset, generate, jobs, merge, train
+from ui.tabs import dataset, generate, jobs, library, merge, train
 
 TITLE = "LoRA Studio"
 
@@ -22,12 +22,44 @@ def build_app(services: Services) -> gr.Blocks:
             f"# {TITLE}\nWorkspace: `{services.workspace.root}` · base model by default: the built-in demo "
             "model (`demo:sd15`, 64 px shapes world) · training and merging run as jobs."
         )
-        generate.build(services)
-        dataset.build(services)
-        train.build(services)
-        merge.build(services)
-        jobs.build(services)
+        jobs_view = gr.Number(visible=False)  # set by Train / Merge; the Jobs tab follows it
+        with gr.Tabs() as tabs:
+            gen = generate.build(services)
+            lib = library.build(services, tabs, gen)
+            data = dataset.build(services)
+            trained = train.build(services, tabs, jobs_view)
+            merged = merge.build(services, tabs, jobs_view)
+            job_id = jobs.build(services)
+        jobs_view.change(lambda j: j, jobs_view, job_id, api_name=False)
+        follow_workspace(services, app, gen, lib, data, trained, merged)
     return app
+
+
+def follow_workspace(
+    services: Services, app: gr.Blocks, gen: dict, lib, data: dict, trained: dict, merged: dict
+) -> None:
+    """Keep every list current without a Refresh button: at page load, and whenever a LoRA, a dataset or a
+    job changes (a LoRA a job just wrote appears in Generate and Merge). No list ever picks a file by
+    itself: choices change, chosen values stay as the user left them."""
+    lora_lists = [gen["loras"], gen["b_content"], gen["b_style"], merged["sources"]]
+    dataset_lists = [data["datasets"], trained["datasets"]]
+    seen = gr.State(None)
+
+    def lists(version=None):
+        ws = services.workspace
+        loras, names = ws.lora_files(), ws.dataset_names()
+        return ([gr.Dropdown(choices=loras) for _ in lora_lists] + [gr.Dropdown(choices=names) for _ in dataset_lists]
+                + [[e.row() for e in services.library.entries()]])  # fmt: skip
+
+    def if_changed(before):
+        now = services.version()
+        if now == before:
+            return [gr.skip()] * (len(lora_lists) + len(dataset_lists) + 1) + [before]
+        return [*lists(), now]
+
+    outputs = [*lora_lists, *dataset_lists, lib]
+    app.load(lambda: [*lists(), services.version()], None, [*outputs, seen], api_name=False)
+    gr.Timer(2.0).tick(if_changed, seen, [*outputs, seen], api_name=False, show_progress="hidden")
 
 
 def serving_options(services: Services) -> dict:

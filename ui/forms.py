@@ -1,13 +1,18 @@
-"""Named form fields for handlers with many inputs: a handler gets one dict instead of a long argument list.
+"""Named form fields, and event functions whose API parameters carry those names and the fields' defaults.
 
-form = Form(prompt=gr.Textbox(), steps=gr.Slider(1, 100))
-button.click(lambda *v: generate(form.values(v)), form.inputs, outputs)
+    form = Form(prompt=gr.Textbox(value="a fox"), steps=gr.Slider(1, 100, value=20))
+    button.click(handler(services, generate, form), form.inputs, outputs, api_name="generate")
+
+`generate(services, values)` gets one dict of the fields; scripts call the endpoint by name,
+`Client(url).predict(prompt="a red circle", api_name="/generate")`, and every field left out takes the default
+the page shows.
 """
 
 from __future__ import annotations
 
+import inspect
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gradio as gr
@@ -28,13 +33,21 @@ class Form:
     def values(self, args: Sequence[Any]) -> dict[str, Any]:
         return dict(zip(self.components, args))
 
+    def defaults(self) -> list[Any]:
+        return [getattr(c, "value", None) for c in self.components.values()]
+
     def __getitem__(self, name: str) -> gr.components.Component:
         return self.components[name]
 
 
-def handler(services, fn, form: Form | None = None):
-    """A Gradio event function: calls fn(services, form values as a dict) when a form is given, else
-    fn(services, *inputs); any error is shown on the page (with a traceback in the log for unexpected ones)."""
+def handler(services, fn: Callable, form: Form | None = None, *, inputs: dict[str, Any] | None = None):
+    """A Gradio event function with named parameters (see the module docstring).
+
+    With `form`, calls fn(services, {name: value}); with `inputs` ({name: default}, in the order of the
+    event's input components), calls fn(services, *values). Errors reach the page as one line (unexpected
+    ones leave their traceback in the log)."""
+    names, defaults = (list(form.components), form.defaults()) if form is not None else (
+        list(inputs or {}), list((inputs or {}).values()))  # fmt: skip
 
     def run(*args):
         try:
@@ -44,6 +57,17 @@ def handler(services, fn, form: Form | None = None):
                 traceback.print_exc()
             raise user_error(exc) from None
 
+    return named(run, names, defaults, fn)
+
+
+def named(run: Callable, names: list[str], defaults: list[Any], like: Callable | None = None) -> Callable:
+    """`run(*args)` with a signature of `names` and `defaults` (what Gradio's API and its clients show)."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    run.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, kind, default=d) for n, d in zip(names, defaults)]
+    )
+    if like is not None:
+        run.__name__, run.__doc__ = getattr(like, "__name__", "run"), like.__doc__
     return run
 
 

@@ -18,6 +18,30 @@ from studio.core.errors import ConfigError
 from studio.core.options import build_config, load_preset
 
 DEMO_MODELS = ("demo:sd15", "demo:sdxl")
+# What the page lets a job ask for (the command line has the config's own, wider bounds): a typo such as
+# 1,000,000,000 steps is refused with the limit named, not queued.
+PAGE_LIMITS = {"steps": (1, 100_000), "resolution": (64, 2048), "batch_size": (1, 64), "rank": (1, 256),
+               "sample_every": (0, 100_000)}  # fmt: skip
+
+
+def within_limits(values: dict[str, Any]) -> dict[str, int]:
+    """The page's numeric fields as whole numbers inside PAGE_LIMITS, or a ConfigError naming the limit."""
+    out = {}
+    for name, (low, high) in PAGE_LIMITS.items():
+        if values.get(name) in (None, ""):
+            continue
+        try:
+            number = float(values[name])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name.replace('_', ' ')}: {values[name]!r} is not a number") from None
+        if number != int(number) or not low <= number <= high:
+            raise ConfigError(
+                f"{name.replace('_', ' ')} must be a whole number from {low:,} to {high:,}; got {values[name]}"
+            )
+        out[name] = int(number)
+    if "resolution" in out and out["resolution"] % 64:
+        raise ConfigError(f"resolution must be a multiple of 64; got {out['resolution']}")
+    return out
 
 
 def model_choice(ws: Workspace, text: str) -> str:
@@ -59,6 +83,7 @@ def train_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = Fal
     data_dir = ws.resolve(ws.datasets / dataset)
     if not data_dir.is_dir():
         raise ConfigError(f"no dataset {dataset!r}: make one in the Dataset tab first")
+    numbers = within_limits(values)
     options = load_preset(values["preset"], "train") if values.get("preset") else {}
     options |= {
         "method": values["method"],
@@ -67,14 +92,17 @@ def train_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = Fal
         "output_dir": str(ws.runs / name),
         "output_name": name,
         "prompt": values["prompt"],
-        "max_steps": int(values["steps"]),
-        "rank": int(values["rank"]),
+        "max_steps": numbers["steps"],
+        "rank": numbers["rank"],
         **({"network_type": values["network"]} if values.get("network") else {}),
         "learning_rate": float(values["learning_rate"]),
-        "batch_size": int(values["batch_size"]),
-        "resolution": int(values["resolution"]),
+        "batch_size": numbers["batch_size"],
+        "resolution": numbers["resolution"],
     }
-    if int(values["resolution"]) < 256:  # the demo models' 64 px images need buckets that small
+    prompts = [p.strip() for p in str(values.get("sample_prompts") or "").splitlines() if p.strip()]
+    if numbers.get("sample_every") and prompts:  # samples render as the job runs, shown in the job's view
+        options |= {"sample_every": numbers["sample_every"], "sample_prompts": prompts, "sample_steps": 20}
+    if numbers["resolution"] < 256:  # the demo models' 64 px images need buckets that small
         options |= {"min_bucket_reso": 64, "max_bucket_reso": 256, "bucket_step": 64}
     if values.get("prior_preservation"):
         options |= {
@@ -107,9 +135,18 @@ def merge_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = Fal
     }
     if int(values.get("rank") or 0) > 0:
         options["rank"] = int(values["rank"])
-    if values["method"].startswith("ziplora"):
-        options["model"] = model_choice(ws, values["model"])
+    if values["method"].startswith("ziplora") or any(_is_dora(ws, source) for source in sources):
+        options["model"] = model_choice(ws, values["model"])  # ZipLoRA runs it; DoRA's change depends on it
     return confine(ws, build_config(MergeConfig, options), allow_pickle=allow_pickle)
+
+
+def _is_dora(ws: Workspace, source: str) -> bool:
+    from studio.core.lora_summary import summarize_lora
+
+    try:
+        return any("DoRA" in kind for kind in summarize_lora(ws.resolve(source)).kinds)
+    except Exception:  # an unreadable file: the merge itself says what is wrong with it
+        return False
 
 
 def generate_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = False):

@@ -7,6 +7,7 @@ stopped still ends properly; the studio that started it, or the next one, only w
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import traceback
@@ -63,7 +64,7 @@ def _merge(config: dict[str, Any], emit) -> dict[str, Any]:
     result = run_merge(build_config(MergeConfig, config), progress=progress)
     path = result.out or result.into_base
     return {"path": str(path), "files": [str(p) for p in (result.out, result.into_base) if p],
-            "summary": f"wrote {Path(str(path)).name}"}  # fmt: skip
+            "summary": f"wrote {Path(str(path)).name}", "report": json.loads(result.report.to_json())}  # fmt: skip
 
 
 _JOB_KINDS = {"train": _train, "merge": _merge}

@@ -68,7 +68,7 @@ class Workspace:
 
     def check_name(self, name: str, what: str = "name") -> str:
         """A dataset, LoRA or job name: letters, digits, '_', '-', '.'; no folders."""
-        name = name.strip()
+        name = str(name or "").strip()
         if not _NAME.match(name):
             raise ConfigError(
                 f"{what} {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit."

@@ -1,5 +1,7 @@
-"""Dataset tab: make a training folder in the workspace from uploaded images and a caption (or from the
-demo world), and look through a folder with its captions."""
+"""Dataset tab: build a training folder from uploaded images with their .txt captions (paired by name), or
+from the demo world; edit captions in a grid beside the thumbnails, find / replace, put a trigger word
+first, delete images; see each image's size and the bucket it trains in at a resolution.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +10,23 @@ from pathlib import Path
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from studio.app.datasets import DEMO_SETS, dataset_images, write_caption
+from studio.app.datasets import DEMO_SETS
 from studio.core.errors import ConfigError
 from ui.forms import handler
 
+TABLE = ["file", "caption", "size", "bucket"]
+
 
 def add_images(services, name: str, files: list | None, caption: str) -> str:
-    """Import uploaded files into datasets/<name>; unreadable files are skipped and named."""
+    """Import uploaded images (and their .txt captions) into datasets/<name>; every problem names the file."""
     if not files:
-        raise ConfigError("choose one or more images to add")
+        raise ConfigError("choose images (and .txt captions with the same names) to add")
     paths = [Path(f if isinstance(f, str) else f.name) for f in files]
     uploads = Path(get_upload_folder()).resolve()
     outside = [p for p in paths if uploads not in p.resolve().parents]
     if outside:  # a path on the server, not a file sent from the browser
         raise ConfigError(f"{outside[0].name}: only files uploaded from the page can be added")
-    return services.add_images(name, [str(p) for p in paths], caption).summary()
+    return services.add_images(name, [str(p) for p in paths], caption or "").summary()
 
 
 def add_demo_set(services, name: str, which: str, count: int) -> str:
@@ -31,70 +35,107 @@ def add_demo_set(services, name: str, which: str, count: int) -> str:
     return f"wrote {written} images with captions to datasets/{name}"
 
 
-def set_caption(services, name: str, image: str, caption: str) -> str:
-    """Write the caption of one image of a dataset."""
-    ws = services.workspace
-    if not image:
-        raise ConfigError("pick an image in the gallery first")
-    path = ws.resolve(ws.datasets / ws.check_name(name, "dataset") / ws.check_name(image, "image"))
-    if not path.is_file():
-        raise ConfigError(f"no image {image!r} in dataset {name!r}")
-    write_caption(path, caption)
-    return f"caption of {image} saved"
-
-
-def show(services, name: str) -> list[tuple[str, str]]:
-    """(image path, caption) of each image in a dataset, for the gallery."""
+def show(services, name: str, resolution: int):
+    """(thumbnails, the caption grid) of a dataset."""
     if not name:
-        return []
-    folder = services.workspace.resolve(services.workspace.datasets / services.workspace.check_name(name))
-    if not folder.is_dir():
-        raise ConfigError(f"no dataset {name!r} in the workspace")
-    items = []
-    for image in dataset_images(folder):
-        caption = image.with_suffix(".txt")
-        items.append((str(image), caption.read_text().strip() if caption.is_file() else "(no caption)"))
-    return items
+        return [], []
+    folder = services.dataset_folder(name)
+    rows = services.dataset_rows(name, int(resolution or 512))
+    return [(str(folder / r[0]), r[0]) for r in rows], rows
 
 
-def build(services) -> None:
+def save_captions(services, name: str, table) -> str:
+    rows = table.values.tolist() if hasattr(table, "values") else list(table or [])
+    changed = services.save_captions(name, {str(r[0]): str(r[1]) for r in rows if r and r[0]})
+    return f"saved {changed} caption(s)"
+
+
+def replace_text(services, name: str, find: str | None, replace: str | None) -> str:
+    return f"changed {services.replace_in_captions(name, find or '', replace or '')} caption(s)"
+
+
+def prepend(services, name: str, trigger: str | None) -> str:
+    trigger = trigger or ""
+    return f"put {trigger.strip()!r} first in {services.prepend_trigger(name, trigger)} caption(s)"
+
+
+def delete(services, name: str, picked: str) -> str:
+    images = [p.strip() for p in (picked or "").split(",") if p.strip()]
+    if not images:
+        raise ConfigError("click the images to delete in the thumbnails first")
+    gone = services.delete_images(name, images)
+    return f"moved {len(gone)} image(s) to the trash: {', '.join(gone)}"
+
+
+def build(services) -> dict[str, gr.Dropdown]:
+    """The tab; returns its list of datasets (refreshed by the page)."""
     ws = services.workspace
-    with gr.Tab("Dataset"):
+    with gr.Tab("Dataset", id="dataset"):
         with gr.Row():
-            with gr.Column():
+            with gr.Column(scale=2):
                 name = gr.Textbox(label="Dataset name", value="my-dataset")
-                files = gr.File(label="Images", file_count="multiple", file_types=["image"])
-                caption = gr.Textbox(label="Caption for these images", placeholder="a photo of sks dog")
-                add = gr.Button("Add images", variant="primary")
+                files = gr.File(label="Images and their .txt captions", file_count="multiple",
+                                file_types=["image", ".txt"])  # fmt: skip
+                caption = gr.Textbox(
+                    label="Caption for images without a .txt", placeholder="a photo of sks dog"
+                )
+                add = gr.Button("Add to dataset", variant="primary")
                 with gr.Accordion("Or start from the demo world", open=False):
                     which = gr.Dropdown(list(DEMO_SETS), value=list(DEMO_SETS)[0], label="Demo set")
                     count = gr.Slider(4, 32, value=8, step=1, label="Images")
                     add_demo = gr.Button("Write demo set")
                 status = gr.Markdown(elem_id="dataset-status")
-            with gr.Column():
-                pick = gr.Dropdown(ws.dataset_names(), label="Show dataset", allow_custom_value=True)
-                gallery = gr.Gallery(label="Images and captions", columns=4, height=360)
+            with gr.Column(scale=3):
                 with gr.Row():
-                    picked = gr.Textbox(label="Image", interactive=False, scale=1)
-                    picked_caption = gr.Textbox(label="Its caption", scale=3)
-                save_caption = gr.Button("Save caption", size="sm")
+                    pick = gr.Dropdown(
+                        ws.dataset_names(), value=None, label="Show dataset", allow_custom_value=True
+                    )
+                    resolution = gr.Number(value=64, precision=0, label="Buckets at resolution")
+                thumbs = gr.Gallery(label="Images (click to pick for deleting)", columns=6, height=240)
+                table = gr.Dataframe(headers=TABLE, interactive=True, static_columns=[0, 2, 3], wrap=True,
+                                     label="Captions (edit the caption column, then save)", elem_id="captions")  # fmt: skip
+                with gr.Row():
+                    save = gr.Button("Save captions", variant="primary")
+                    picked = gr.Textbox(label="Picked images", scale=2)
+                    remove = gr.Button("Delete picked", variant="stop")
+                with gr.Row():
+                    find = gr.Textbox(label="Find")
+                    replace = gr.Textbox(label="Replace with")
+                    do_replace = gr.Button("Replace in all captions")
+                with gr.Row():
+                    trigger = gr.Textbox(label="Trigger word", placeholder="sks")
+                    do_prepend = gr.Button("Put it first in every caption")
+        view = handler(services, show, inputs={"name": None, "resolution": 64})
+        refresh = [pick, resolution]
 
         def after_add(message: str, dataset: str):
-            return message, gr.Dropdown(choices=ws.dataset_names(), value=dataset)
+            return message, gr.Dropdown(choices=ws.dataset_names(), value=dataset), None
 
-        add.click(
-            handler(services, add_images), [name, files, caption], status, api_name="add_images"
-        ).success(after_add, [status, name], [status, pick], api_name=False)
-        add_demo.click(
-            handler(services, add_demo_set), [name, which, count], status, api_name="add_demo_set"
-        ).success(after_add, [status, name], [status, pick], api_name=False)
-        pick.change(handler(services, show), pick, gallery, api_name="show_dataset")
+        add.click(handler(services, add_images, inputs={"name": "my-dataset", "files": None, "caption": None}),
+                  [name, files, caption], status, api_name="add_images").success(
+            after_add, [status, name], [status, pick, files], api_name=False)  # fmt: skip
+        add_demo.click(handler(services, add_demo_set, inputs={"name": "my-dataset", "which": list(DEMO_SETS)[0], "count": 8}),
+                       [name, which, count], status, api_name="add_demo_set").success(
+            after_add, [status, name], [status, pick, files], api_name=False)  # fmt: skip
+        pick.change(view, refresh, [thumbs, table], api_name="show_dataset")
+        resolution.change(view, refresh, [thumbs, table], api_name=False)
 
-        def on_select(event: gr.SelectData):
-            image, caption = event.value["image"]["path"], event.value.get("caption") or ""
-            return Path(image).name, "" if caption == "(no caption)" else caption
+        def on_pick(event: gr.SelectData, current: str):
+            image = Path(event.value["image"]["path"]).name
+            names = [n.strip() for n in (current or "").split(",") if n.strip()]
+            names = [n for n in names if n != image] if image in names else [*names, image]
+            return ", ".join(names)
 
-        gallery.select(on_select, None, [picked, picked_caption], api_name=False)
-        save_caption.click(
-            handler(services, set_caption), [pick, picked, picked_caption], status, api_name="set_caption"
-        ).success(handler(services, show), pick, gallery, api_name=False)
+        thumbs.select(on_pick, picked, picked, api_name=False)
+        edits = {"name": None, "table": None}
+        save.click(handler(services, save_captions, inputs=edits), [pick, table], status, api_name="save_captions").success(
+            view, refresh, [thumbs, table], api_name=False)  # fmt: skip
+        do_replace.click(handler(services, replace_text, inputs={"name": None, "find": None, "replace": None}),
+                         [pick, find, replace], status, api_name="replace_captions").success(
+            view, refresh, [thumbs, table], api_name=False)  # fmt: skip
+        do_prepend.click(handler(services, prepend, inputs={"name": None, "trigger": None}), [pick, trigger], status,
+                         api_name="prepend_trigger").success(view, refresh, [thumbs, table], api_name=False)  # fmt: skip
+        remove.click(handler(services, delete, inputs={"name": None, "picked": None}), [pick, picked], status,
+                     api_name="delete_images").success(view, refresh, [thumbs, table], api_name=False).success(
+            lambda: "", None, picked, api_name=False)  # fmt: skip
+    return {"datasets": pick}

@@ -1,4 +1,5 @@
-"""Merge tab: combine workspace LoRAs (linear / concat / SVD / TIES / DARE / ZipLoRA / orthogonal) as a job."""
+"""Merge tab: combine workspace LoRAs (linear / concat / SVD / TIES / DARE / ZipLoRA / orthogonal) as a job;
+its report (each source's preservation and interference, rank, size) shows in the job's view."""
 
 from __future__ import annotations
 
@@ -10,23 +11,24 @@ from studio.app.form_configs import DEMO_MODELS, merge_methods
 from ui.forms import Form, handler
 
 
-def submit_merge(services, values: dict) -> str:
-    """Queue a merge job from the form; returns a line naming the job."""
+def submit_merge(services, values: dict):
+    """Queue a merge job from the form; returns (a line naming the job, its id for the Jobs view)."""
     job_id, cfg = services.submit_merge(values)
-    return (
+    line = (
         f"queued job {job_id}: {cfg.method} merge of {len(cfg.sources)} LoRAs into loras/{Path(cfg.out).name}"
     )
+    return line, job_id
 
 
-def build(services) -> None:
+def build(services, tabs: gr.Tabs, jobs_view: gr.Number) -> dict[str, gr.Dropdown]:
+    """The tab; returns its LoRA list (refreshed by the page)."""
     ws = services.workspace
-    with gr.Tab("Merge"):
+    with gr.Tab("Merge", id="merge"):
         with gr.Row():
             with gr.Column():
                 form = Form(
-                    sources=gr.Dropdown(
-                        ws.lora_files(), multiselect=True, allow_custom_value=True, label="LoRAs to merge"
-                    ),
+                    sources=gr.Dropdown(ws.lora_files(), value=[], multiselect=True, allow_custom_value=True,
+                                        label="LoRAs to merge"),
                     weights=gr.Textbox(label="Weights", placeholder="1, 1 (one per LoRA; default 1)"),
                     method=gr.Dropdown(merge_methods(), value="concat", label="Method"),
                     name=gr.Textbox(label="Output name", value="merged"),
@@ -34,16 +36,14 @@ def build(services) -> None:
                     rank=gr.Number(value=0, precision=0, label="Rank (svd/ties/dare; 0 = largest source rank)"),
                     density=gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Density (ties/dare/magnitude)"),
                     model=gr.Dropdown(list(DEMO_MODELS), value="demo:sd15", allow_custom_value=True,
-                                      label="Base model (ZipLoRA)"),
+                                      label="Base model (ZipLoRA, and DoRA sources)"),
                     prompts=gr.Textbox(label="ZipLoRA prompts, one per LoRA, separated by |",
                                        placeholder="a sks shape | a red circle, framed style"),
                 )  # fmt: skip
-                with gr.Row():
-                    refresh = gr.Button("Refresh LoRA list", size="sm")
-                    submit = gr.Button("Queue merge", variant="primary")
+                submit = gr.Button("Queue merge", variant="primary")
                 status = gr.Markdown(elem_id="merge-status")
-
-        submit.click(handler(services, submit_merge, form), form.inputs, status, api_name="merge")
-        refresh.click(
-            lambda: gr.Dropdown(choices=ws.lora_files()), None, form["sources"], api_name="merge_loras"
-        )
+        queued = gr.Number(visible=False)
+        submit.click(
+            handler(services, submit_merge, form), form.inputs, [status, queued], api_name="merge"
+        ).success(lambda job: (job, gr.Tabs(selected="jobs")), queued, [jobs_view, tabs], api_name=False)
+    return {"sources": form["sources"]}

@@ -1,30 +1,45 @@
-"""Train tab: pick a method, a base model and a workspace dataset; the run is queued as a job (Jobs tab).
+"""Train tab: pick a method, a base model and a workspace dataset; the run is queued as a job and its live
+view opens in the Jobs tab.
 
 A preset (presets/train_*.toml) fills the recipe; the fields here and the "more options" TOML override it.
-The config is checked before it is queued, so a bad option is reported at once, not minutes later.
+The config is checked before it is queued (page limits on steps, resolution, batch size and rank are named
+when crossed), and once this machine has run a job, the form says how long the new one will take.
 """
 
 from __future__ import annotations
 
 import gradio as gr
 
-from studio.app.form_configs import DEMO_MODELS, training_methods
+from studio.app.form_configs import DEMO_MODELS, PAGE_LIMITS, training_methods
+from studio.app.job_view import duration
+from studio.core.errors import StudioError
 from studio.core.options import preset_names
 from ui.forms import Form, handler
 
 
-def submit_training(services, values: dict) -> str:
-    """Queue a training job from the form; returns a line naming the job."""
+def submit_training(services, values: dict):
+    """Queue a training job from the form; returns (a line naming the job, its id for the Jobs view)."""
     job_id, cfg = services.submit_training(values)
-    return (
-        f"queued job {job_id}: {cfg.method} LoRA {cfg.output_name!r}, {cfg.max_steps} steps. "
-        "Follow it in the Jobs tab."
-    )
+    line = f"queued job {job_id}: {cfg.method} LoRA {cfg.output_name!r}, {cfg.max_steps} steps. Its live view is in the Jobs tab."
+    return line, job_id
 
 
-def build(services) -> None:
+def estimate(services, values: dict) -> str:
+    """How long the job would take here, judged from the jobs this machine has run; a bad field says why."""
+    try:
+        found = services.estimate_training(values)
+    except StudioError as exc:
+        return f"⚠ {exc}"
+    if found is None:
+        return "Time estimate: after the first finished job on this machine."
+    return f"Time estimate: about {duration(found.seconds)} (from the pace of job {found.from_job})."
+
+
+def build(services, tabs: gr.Tabs, jobs_view: gr.Number) -> dict[str, gr.Dropdown]:
+    """The tab; returns its lists that follow the workspace (refreshed by the page)."""
     ws = services.workspace
-    with gr.Tab("Train"):
+    limit = PAGE_LIMITS
+    with gr.Tab("Train", id="train") as tab:
         with gr.Row():
             with gr.Column():
                 with gr.Row():
@@ -34,43 +49,101 @@ def build(services) -> None:
                     model = gr.Dropdown(
                         list(DEMO_MODELS), value="demo:sd15", allow_custom_value=True, label="Base model"
                     )
-                    dataset = gr.Dropdown(ws.dataset_names(), label="Dataset", allow_custom_value=True)
+                    dataset = gr.Dropdown(
+                        ws.dataset_names(),
+                        value=None,
+                        label="Dataset",
+                        allow_custom_value=True,
+                        elem_id="train-dataset",
+                    )
                 name = gr.Textbox(label="LoRA name", value="my-lora")
-                prompt = gr.Textbox(label="Instance prompt / trigger (for images without a caption)",
-                                    value="a sks shape")  # fmt: skip
+                prompt = gr.Textbox(
+                    label="Instance prompt / trigger (for images without a caption)", value="a sks shape"
+                )
                 with gr.Row():
                     prior = gr.Checkbox(label="Prior preservation (DreamBooth)")
                     class_prompt = gr.Textbox(label="Class prompt", value="a shape on a blue background")
-            with gr.Column():
                 network = gr.Dropdown(
-                    ["lora", "locon", "loha", "lokr", "dora"], value="lora", label="Network",
+                    ["lora", "locon", "loha", "lokr", "dora"],
+                    value="lora",
+                    label="Network",
                     info="LoRA; LoCon adds the convs; LyCORIS LoHa / LoKr; DoRA (weight-decomposed LoRA)",
-                )  # fmt: skip
+                )
+            with gr.Column():
                 with gr.Row():
-                    steps = gr.Number(value=300, precision=0, label="Steps")
-                    rank = gr.Number(value=8, precision=0, label="Rank")
+                    steps = gr.Number(
+                        value=300,
+                        precision=0,
+                        label="Steps",
+                        minimum=limit["steps"][0],
+                        maximum=limit["steps"][1],
+                    )
+                    rank = gr.Number(
+                        value=8, precision=0, label="Rank", minimum=limit["rank"][0], maximum=limit["rank"][1]
+                    )
                     learning_rate = gr.Number(value=1e-3, label="Learning rate")
                 with gr.Row():
-                    batch_size = gr.Number(value=4, precision=0, label="Batch size")
-                    resolution = gr.Number(value=64, precision=0, label="Resolution",
-                                           info="64 for the demo models, 512 SD1.5, 1024 SDXL")  # fmt: skip
-                more = gr.Code(label="More options (TOML, any training option)", language=None,
-                               value='# e.g.\n# conv_rank = 8\n# up_lr_weight = "cosine+0.2"\n')  # fmt: skip
-        with gr.Row():
-            refresh = gr.Button("Refresh datasets", size="sm")
-            submit = gr.Button("Queue training", variant="primary")
+                    batch_size = gr.Number(
+                        value=4, precision=0, label="Batch size", minimum=1, maximum=limit["batch_size"][1]
+                    )
+                    resolution = gr.Number(
+                        value=64,
+                        precision=0,
+                        label="Resolution",
+                        minimum=64,
+                        maximum=limit["resolution"][1],
+                        info="64 for the demo models, 512 SD1.5, 1024 SDXL",
+                    )
+                with gr.Row():
+                    sample_prompts = gr.Textbox(
+                        label="Sample prompts (one per line)",
+                        lines=2,
+                        value="a sks shape on a blue background",
+                    )
+                    sample_every = gr.Number(
+                        value=50, precision=0, label="Sample every N steps (0 = off)", minimum=0
+                    )
+                more = gr.Code(
+                    label="More options (TOML, any training option)",
+                    language=None,
+                    value='# e.g.\n# conv_rank = 8\n# up_lr_weight = "cosine+0.2"\n',
+                )
+        estimate_line = gr.Markdown(elem_id="train-estimate")
+        submit = gr.Button("Queue training", variant="primary")
         status = gr.Markdown(elem_id="train-status")
         form = Form(
-            method=method, preset=preset, model=model, dataset=dataset, name=name, prompt=prompt, steps=steps,
-            rank=rank, learning_rate=learning_rate, batch_size=batch_size, resolution=resolution,
-            prior_preservation=prior, class_prompt=class_prompt, more=more, network=network,
-        )  # fmt: skip
-
+            method=method,
+            preset=preset,
+            model=model,
+            dataset=dataset,
+            name=name,
+            prompt=prompt,
+            steps=steps,
+            rank=rank,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            resolution=resolution,
+            prior_preservation=prior,
+            class_prompt=class_prompt,
+            more=more,
+            network=network,
+            sample_prompts=sample_prompts,
+            sample_every=sample_every,
+        )
         form["method"].change(  # B-LoRA is an SDXL method: offer the SDXL demo model when it is picked
             lambda method, model: "demo:sdxl" if method == "b_lora" and model == "demo:sd15" else model,
-            [form["method"], form["model"]], form["model"], api_name=False,
-        )  # fmt: skip
-        submit.click(handler(services, submit_training, form), form.inputs, status, api_name="train")
-        refresh.click(
-            lambda: gr.Dropdown(choices=ws.dataset_names()), None, form["dataset"], api_name="datasets"
+            [form["method"], form["model"]],
+            form["model"],
+            api_name=False,
         )
+        queued = gr.Number(visible=False)
+        submit.click(
+            handler(services, submit_training, form), form.inputs, [status, queued], api_name="train"
+        ).success(lambda job: (job, gr.Tabs(selected="jobs")), queued, [jobs_view, tabs], api_name=False)
+        show_estimate = handler(services, estimate, form)
+        for field in (steps, batch_size, resolution, model, dataset):
+            field.change(show_estimate, form.inputs, estimate_line, api_name=False, show_progress="hidden")
+        tab.select(
+            show_estimate, form.inputs, estimate_line, api_name="train_estimate", show_progress="hidden"
+        )
+    return {"datasets": dataset}

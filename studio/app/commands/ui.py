@@ -81,6 +81,8 @@ def login(args: argparse.Namespace) -> tuple[str, str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # generation here and training in a worker share the cores: see studio.app.runner (before torch loads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from ui.app import launch
 
     launch(
