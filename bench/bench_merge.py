@@ -66,13 +66,13 @@ def meta_pipe(family: str):
     return SimpleNamespace(unet=unet, text_encoder=te, text_encoder_2=te2)
 
 
-def make_sources(family: str, folder: Path) -> list[Path]:
+def make_sources(family: str, folder: Path, ranks=(32, 16)) -> list[Path]:
     from studio.core.lora_files import write_lora
     from tests.fixtures.lora_random import random_lora
 
     pipe = meta_pipe(family)
     paths = []
-    for seed, rank in ((1, 32), (2, 16)):
+    for seed, rank in enumerate(ranks, start=1):
         lora = random_lora(pipe, family, rank=rank, alpha=rank / 2, seed=seed, scale=0.02)
         paths.append(write_lora(lora, folder / f"{family}_r{rank}.safetensors", dtype=torch.float16))
     return paths
@@ -84,8 +84,41 @@ def rss_mb() -> float:
     return int(line.split()[1]) / 1024
 
 
-def child(method: str, sources: list[str], rank: int, out: str) -> dict:
+def apply_variant(variant: str) -> dict:
+    """The levers of the dense merges, one at a time against the default (see merging/ties_dare.py): an exact
+    k-th value instead of the sampled threshold, peft's stacked sign election and disjoint mean instead of the
+    running sums, 2 power iterations instead of 4, two worker threads over modules."""
+    import merging.linear
+    import merging.ties_dare as td
+
+    options = {}
+    for part in filter(None, variant.split("+")):
+        if part == "exact-threshold":
+            td.THRESHOLD_SAMPLE = 1 << 62
+        elif part == "peft-combine":
+            from peft.utils import merge_utils
+
+            def peft_combine(tasks, weights, sign):
+                stacked = torch.stack(tasks)
+                weighted = stacked * weights.reshape(-1, *[1] * (stacked.dim() - 1))
+                if sign is None:
+                    return weighted.sum(0)
+                mask = merge_utils.calculate_majority_sign_mask(stacked, method=sign)
+                return merge_utils.disjoint_merge(weighted, mask)
+
+            td._combine = peft_combine
+        elif part.startswith("niter"):
+            merging.linear.POWER_ITERATIONS = int(part[5:])
+        elif part.startswith("workers"):
+            options["workers"] = int(part[7:])
+        else:
+            raise SystemExit(f"unknown variant {part!r}")
+    return options
+
+
+def child(method: str, sources: list[str], rank: int, out: str, variant: str = "") -> dict:
     """One merge, phase by phase (runs in its own process)."""
+    options = apply_variant(variant)
     from merging import MergeConfig, merge_factors
     from merging.output import write_merge
     from merging.report import build_report
@@ -99,7 +132,16 @@ def child(method: str, sources: list[str], rank: int, out: str) -> dict:
     timings["read"] = time.perf_counter() - start
     before = rss_mb()
     start = time.perf_counter()
-    merged = merge_factors(cfg, srcs)
+    if options and method in ("ties", "dare", "dare-ties", "magnitude"):
+        from merging.run import Merged
+        from merging.ties_dare import dense_merge
+
+        factors, _ = dense_merge(
+            srcs, method, rank=rank, density=cfg.density, sign_method=cfg.sign_method, **options
+        )
+        merged = Merged(factors)
+    else:
+        merged = merge_factors(cfg, srcs)
     timings["merge"] = time.perf_counter() - start
     start = time.perf_counter()
     report = build_report(method, srcs, merged.factors, probes=cfg.probes)
@@ -120,18 +162,21 @@ def child(method: str, sources: list[str], rank: int, out: str) -> dict:
     }
 
 
-def part_methods(families: list[str], rank: int, work: Path) -> list[dict]:
+def part_methods(families: list[str], rank: int, work: Path, methods=None, variants=("",),
+                 source_ranks=(32, 16)) -> list[dict]:  # fmt: skip
     rows = []
     for family in families:
-        sources = make_sources(family, work)
-        for method in METHODS:
-            out = work / f"{family}_{method}.safetensors"
+        sources = make_sources(family, work, source_ranks)
+        for method, variant in [(m, v) for m in (methods or METHODS) for v in variants]:
+            out = work / f"{family}_{method}_{variant or 'default'}.safetensors"
             cmd = [sys.executable, __file__, "--child", method, "--rank", str(rank), "--out", str(out)]
+            cmd += ["--variant", variant] if variant else []
             cmd += [f"{s}:0.7" for s in sources]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
             if done.returncode != 0:
                 raise SystemExit(f"{family} {method} failed:\n{done.stderr[-3000:]}")
-            row = {"family": family, "method": method, **json.loads(done.stdout.strip().splitlines()[-1])}
+            row = {"family": family, "method": method + (f" [{variant}]" if variant else ""),
+                   **json.loads(done.stdout.strip().splitlines()[-1])}  # fmt: skip
             rows.append(row)
             print(row, flush=True)
     return rows
@@ -479,16 +524,29 @@ def main() -> None:
         "--zip-size", default="tiny", help="tiny (64 px) and/or small (4x wider UNet, 128 px)"
     )
     parser.add_argument("--name", default="merge_cpu")
+    parser.add_argument("--methods", help="only these methods (comma-separated; default: all)")
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="dense-merge levers to compare, comma-separated "
+        "('' = the default; exact-threshold, peft-combine, niter2, workers2, joined with +)",
+    )
+    parser.add_argument("--source-ranks", default="32,16", help="ranks of the two random source LoRAs")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("sources", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.sources, args.rank, args.out)))
+        print(json.dumps(child(args.child, args.sources, args.rank, args.out, args.variant)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        methods = part_methods(args.families.split(","), args.rank, work) if args.part != "ziplora" else None
+        chosen = args.methods.split(",") if args.methods else None
+        ranks = tuple(int(r) for r in args.source_ranks.split(","))
+        variants = tuple(args.variants.split(",")) if args.variants else ("",)
+        methods = (part_methods(args.families.split(","), args.rank, work, chosen, variants, ranks)
+                   if args.part != "ziplora" else None)  # fmt: skip
         zip_results = []
         if args.part != "methods":
             zip_results = [

@@ -139,6 +139,8 @@ def build_model(family: str, size: str, folder: Path) -> Path:
     if size == "tiny":
         pipe = tiny.tiny_sd15_pipeline(0) if family == "sd15" else tiny.tiny_sdxl_pipeline(0)
         return tiny.save_tiny(pipe, folder)
+    if size == "real":  # the real architecture, random weights, fp32 as most SD1.5 downloads
+        return build_real(family, folder, "fp32")
     spec = SMALL[family]
     patched = dict(tiny.TINY_SD15_UNET if family == "sd15" else tiny.TINY_SDXL_UNET)
     patched.update(block_out_channels=spec["block_out_channels"], attention_head_dim=spec["attention_head_dim"],
@@ -164,6 +166,49 @@ def build_model(family: str, size: str, folder: Path) -> Path:
         for n, v in saved.items():
             setattr(tiny, n, v)
     return tiny.save_tiny(pipe, folder)
+
+
+def build_real(family: str, folder: Path, dtype: str = "fp16") -> Path:
+    """A random-weight model of the real architecture as a diffusers folder (once per folder)."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from studio.core.models import CONFIGS
+    from studio.core.tokenizers import SDXL_PAD_2, clip_tokenizer
+
+    torch.manual_seed(0)
+    cfg = CONFIGS / family
+    parts = {
+        "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(cfg / "vae")),
+        "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg / "unet")),
+        "text_encoder": CLIPTextModel(CLIPTextConfig.from_json_file(cfg / "text_encoder" / "config.json")),
+        "tokenizer": clip_tokenizer(),
+        "scheduler": EulerDiscreteScheduler.from_config(
+            EulerDiscreteScheduler.load_config(cfg / "scheduler")
+        ),
+    }
+    if family == "sdxl":
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(
+            CLIPTextConfig.from_json_file(cfg / "text_encoder_2" / "config.json")
+        )
+        parts["tokenizer_2"] = clip_tokenizer(SDXL_PAD_2)
+        pipe = StableDiffusionXLPipeline(**parts)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)  # fmt: skip
+    pipe.to(torch.float16 if dtype == "fp16" else torch.float32).save_pretrained(
+        folder, safe_serialization=True
+    )
+    return folder
 
 
 def make_images(folder: Path, n: int, size: int) -> Path:
@@ -263,7 +308,7 @@ def main() -> None:
     p.add_argument("--reference-sdxl", type=Path, help="diffusers' train_dreambooth_lora_sdxl.py")
     p.add_argument("--reference-path", help="extra PYTHONPATH for the reference's packages (tensorboard...)")
     p.add_argument("--family", choices=["sd15", "sdxl", "both"], default="sd15")
-    p.add_argument("--size", choices=["tiny", "small"], default="small")
+    p.add_argument("--size", choices=["tiny", "small", "real"], default="small")
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=4)

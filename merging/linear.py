@@ -61,8 +61,11 @@ def truncate_factors(f: Factors, rank: int) -> tuple[Factors, float]:
     return Factors(new_up.to(f.up.dtype), new_down.to(f.down.dtype)), error
 
 
+POWER_ITERATIONS = 4  # of the randomized SVD (torch.svd_lowrank's niter); see bench/results/merge_cpu.md
+
+
 def truncate_dense(
-    delta: torch.Tensor, rank: int, solver: str = "auto", seed: int = 0
+    delta: torch.Tensor, rank: int, solver: str = "auto", seed: int = 0, niter: int | None = None
 ) -> tuple[Factors, float]:
     """Rank-`rank` factors of a dense (out, in) matrix and the relative error actually left.
 
@@ -76,7 +79,9 @@ def truncate_dense(
     if randomized:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            u, s, v = torch.svd_lowrank(delta, q=min(k + 10, small), niter=4)
+            u, s, v = torch.svd_lowrank(
+                delta, q=min(k + 10, small), niter=POWER_ITERATIONS if niter is None else niter
+            )
         u, s, vh = u[:, :k], s[:k], v[:, :k].T
     else:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)

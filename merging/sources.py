@@ -15,7 +15,7 @@ alpha/rank scale, its weight and its block weight folded into `up`, both flatten
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import NamedTuple
 
@@ -82,6 +82,7 @@ class MergeSource:
     block_weights: dict[str, float] | None = None
     label: str = "LoRA"
     base_weights: Callable[[str], torch.Tensor] | None = None
+    _own: dict[str, Factors] = field(default_factory=dict, repr=False)
 
     def module_weight(self, path: str) -> float:
         """weight x block weight of one module (0 = the module is left out)."""
@@ -90,14 +91,17 @@ class MergeSource:
         return self.weight * self.block_weights.get(block_of(path) or "", 1.0)
 
     def own_factors(self, path: str) -> Factors:
-        """The module's own delta as factors: alpha / rank folded in, the merge weight not."""
+        """The module's own delta as factors: alpha / rank folded in, the merge weight not (made once)."""
+        if path in self._own:
+            return self._own[path]
         m = self.lora.modules[path]
         if m.needs_base and self.base_weights is None:
             raise ConfigError(
                 f"{self.label} is a DoRA LoRA: its change depends on the base model's weights. "
                 "Pass --model with the base model it was trained on."
             )
-        return module_factors(m, self.base_weights(path) if m.needs_base else None)
+        self._own[path] = module_factors(m, self.base_weights(path) if m.needs_base else None)
+        return self._own[path]
 
     @cached_property
     def _factors(self) -> dict[str, Factors]:

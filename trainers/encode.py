@@ -76,6 +76,12 @@ class TextCache:
         return encode_prompts(captions, self.tokenizers, self.text_encoders, family=self.family,
                               clip_skip=self.clip_skip)  # fmt: skip
 
+    def prefill(self, captions: list[str], batch: int = 16) -> None:
+        """Encode every caption the run can ask for now, so the text encoders are not needed later."""
+        todo = [c for c in dict.fromkeys(captions) if c not in self.store]
+        for i in range(0, len(todo), batch):
+            self(todo[i : i + batch])
+
     def __call__(self, captions: list[str]) -> TextEmbedding:
         if self.trainable:
             return self._encode(captions)

@@ -3,11 +3,12 @@
 The UI and the job queue read this file (or pass a callback) to follow a run. Every event has "event" and
 "time"; the kinds are:
 
-    start       {"max_steps", "method", "family", "modules", "trainable_params", "resumed_from_step"}
+    start       {"max_steps", "method", "family", "modules", "trainable_params", "resumed_from_step",
+                 "world_size", "effective_batch"}
     step        {"step", "loss", "lr", "images_per_s"}
-    sample      {"step", "paths"}
+    sample      {"step", "paths", "prompts"}
     checkpoint  {"step", "path"}
-    done        {"step", "path", "files", "seconds"}
+    done        {"step", "path", "files", "seconds", "steps_per_process"}
     error       {"step", "message", "last_checkpoint"}
     log         {"message"}
 

@@ -106,7 +106,8 @@ def train(cfg: TrainConfig, *, pipe=None, family: str | None = None, on_event: E
         run.events.emit("start", max_steps=cfg.max_steps, method=cfg.method, family=models.family,
                         modules=len(plan), trainable_params=sum(p.numel() for p in opt.params.values()),
                         attention=models.attention, mixed_precision=run.accelerator.mixed_precision,
-                        resumed_from_step=start)  # fmt: skip
+                        resumed_from_step=start, world_size=run.accelerator.num_processes,
+                        effective_batch=cfg.batch_size * cfg.gradient_accumulation_steps * run.accelerator.num_processes)  # fmt: skip
         step = train_loop(cfg, run, models, data, opt, start)
         return save_outputs(cfg, run, models, method, (layers, plan), parts, step, extra_meta)
     except KeyboardInterrupt:
@@ -128,10 +129,12 @@ def setup_run(cfg: TrainConfig, on_event: EventCallback | None) -> Run:
     cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
         raise ConfigError("device = 'cuda' but no CUDA GPU is visible; use device = 'auto' or 'cpu'")
+    # without a GPU, "auto" is the CPU: said outright, so that accelerate runs several processes
+    # (`accelerate launch --multi_gpu --num_processes N`, torchrun) as one CPU job over gloo
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg, cuda and cfg.device != "cpu"),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        cpu=cfg.device == "cpu",
+        cpu=cfg.device == "cpu" or not cuda,
     )
     out_dir = Path(cfg.output_dir).expanduser()
     final = out_dir / f"{cfg.output_name}.safetensors"
@@ -201,7 +204,21 @@ def prepare_data(cfg: TrainConfig, parts: list[DataPart], models: TrainModels, r
     data.text = TextCache(models.tokenizers, models.text_encoders, family=models.family, clip_skip=cfg.clip_skip,
                           cache=cfg.cache_text_embeddings and not cfg.shuffle_caption,
                           trainable=cfg.train_text_encoder)  # fmt: skip
+    if cfg.cache_latents and data.text.cache and not cfg.sample_every:
+        free_encoders(cfg, parts, models, data, run)
     return data
+
+
+def free_encoders(
+    cfg: TrainConfig, parts: list[DataPart], models: TrainModels, data: TrainData, run: Run
+) -> None:
+    """Every latent and caption embedding is cached and no samples are drawn: the VAE and the text encoders
+    are not needed again, so their memory goes back (moved to the meta device, where any use would fail)."""
+    captions = [ex.caption for part in parts for ex in part.dataset.examples]
+    data.text.prefill(captions + ([""] if cfg.caption_dropout_rate > 0 else []))
+    for module in (models.vae, *models.text_encoders):
+        module.to("meta")
+    run.events.emit("log", message="the VAE and text encoders are freed: their outputs are cached")
 
 
 def check_bucket_step(cfg: TrainConfig, models: TrainModels) -> None:
@@ -323,7 +340,7 @@ def sample(cfg: TrainConfig, run: Run, models: TrainModels, step: int) -> None:
             paths = render_samples(models.pipe, cfg.sample_prompts, run.out_dir / "samples", step,
                                    seed=cfg.sample_seed, steps=cfg.sample_steps, guidance=cfg.sample_guidance,
                                    size=cfg.resolution)  # fmt: skip
-        run.events.emit("sample", step=step, paths=paths)
+        run.events.emit("sample", step=step, paths=paths, prompts=list(cfg.sample_prompts))
     run.accelerator.wait_for_everyone()
 
 
@@ -360,6 +377,10 @@ def save_outputs(cfg: TrainConfig, run: Run, models: TrainModels, method: Method
         atomic_write_text(run.out_dir / f"{cfg.output_name}.config.json",
                           json.dumps(config_to_dict(cfg), indent=2, default=str))  # fmt: skip
     seconds = time.time() - run.started
-    run.events.emit("done", step=step, path=path, files=files, seconds=round(seconds, 2))
+    # every process says how many steps it ran (its own batches, the gradients averaged across processes)
+    trained = acc.gather(torch.tensor([run.step], device=acc.device)).tolist()
+    run.events.emit(
+        "done", step=step, path=path, files=files, seconds=round(seconds, 2), steps_per_process=trained
+    )
     acc.wait_for_everyone()
     return TrainResult(path, files, step, seconds, run.out_dir / "events.jsonl")

@@ -18,8 +18,9 @@ import json
 import logging
 import os
 import shutil
+import sys
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -287,14 +288,39 @@ def _quiet_dtype_warning() -> Iterator[None]:
 
 
 def _own_memory(pipe: DiffusionPipeline) -> None:
-    """On the CPU, diffusers leaves weights as views into the memory-mapped file, at unaligned offsets;
-    BLAS then takes other code paths whose rounding differs from the same weights in ordinary memory
-    (and the file stays mapped). Copy such tensors into ordinary, aligned memory."""
+    """On the CPU, diffusers leaves weights as views into the memory-mapped file, often at unaligned offsets;
+    BLAS then takes other code paths whose rounding differs from the same weights in ordinary memory. Each
+    such tensor is copied into ordinary, aligned memory, one at a time, and the file pages it was read from
+    are handed back at once (madvise): copying them all first would hold the file and the copies together,
+    twice the model's size, at the load's peak."""
+    release = _page_releaser()
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             for tensor in chain(component.parameters(), component.buffers()):
                 if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
-                    tensor.data = tensor.data.clone()
+                    view = tensor.data
+                    tensor.data = view.clone()
+                    release(view.data_ptr(), view.numel() * view.element_size())
+
+
+def _page_releaser() -> Callable[[int, int], None]:
+    """release(address, length): drop the pages of a read-only file mapping from this process (Linux's
+    madvise MADV_DONTNEED; a later read would fetch them from the file again). A no-op elsewhere."""
+    if sys.platform != "linux":
+        return lambda address, length: None
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    page = mmap.PAGESIZE
+
+    def release(address: int, length: int) -> None:
+        start, end = -(-address // page) * page, (address + length) // page * page  # whole pages inside
+        if end > start:
+            libc.madvise(start, end - start, 4)  # MADV_DONTNEED
+
+    return release
 
 
 @contextmanager

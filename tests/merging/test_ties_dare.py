@@ -93,3 +93,18 @@ def test_real_files_give_the_asked_rank(method, tiny_sdxl, tmp_path):
     assert 0 < result.report.exactness < 1.5
     details = result.report.details
     assert details["rank"] == 3 and details["svd_error"]["max"] < 1 and details["pruning_error"]["mean"] > 0
+
+
+def test_sampled_threshold_keeps_the_asked_share_of_a_large_delta():
+    """Above THRESHOLD_SAMPLE entries the magnitude threshold comes from a sample: the kept share stays
+    within 0.1 % of the asked density, and the result is peft's except at entries right at the threshold."""
+    from peft.utils import merge_utils
+
+    from merging.ties_dare import THRESHOLD_SAMPLE, _trim
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(2 * THRESHOLD_SAMPLE, generator=g).reshape(2048, -1)
+    ours = _trim(big.clone(), 0.3, torch.Generator().manual_seed(1))
+    assert abs((ours != 0).float().mean().item() - 0.3) < 1e-3
+    theirs = merge_utils.magnitude_based_pruning(big, 0.3)
+    assert (ours != theirs).float().mean().item() < 2e-3
