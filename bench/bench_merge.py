@@ -5,19 +5,16 @@ Part "methods": two random LoRAs (rank 32 and 16, fp16, kohya's default targets 
 from the real SD1.5 / SDXL configs (studio/core/configs, built on the meta device: no weights). Each method runs in
 a fresh subprocess: wall time of each phase (read, merge, report, write) and the process's peak RSS.
 
-Part "ziplora": on the tiny SDXL pipeline (tests.fixtures.tiny), two random LoRAs on every attention projection
-(to_q/k/v/out.0, what the reference handles), one reference image each. Compared at the same steps, resolution
-and data:
-- ours: merging.ziplora (low-rank merged layers, all sources batched in one UNet call per pass);
-- the reference algorithm (mkshing/ziplora-pytorch, re-implemented here from its description): dense
-  per-layer W_1, W_2 with the merged weight m_1 * W_1 + m_2 * W_2 formed on every forward, four separate
-  UNet calls per step (merged and target, per source), the VAE encoding both images every step, AdamW with
-  weight decay 1e-4, gradient clipping at 1, similarity = sum over layers of mean |m_1 * m_2|; run at its own
-  learning rate (5e-5) and at ours (0.01).
-Every run is scored by the same whole-model objective (sum over sources of the noise-prediction MSE against
-that LoRA alone) on one fixed evaluation batch, every `--eval-every` steps with the clock stopped.
+Part "model": the methods that run the base model (ziplora, ziplora-fast, fusion) on the built-in demo models
+(studio/demo/weights), two random rank-4 LoRAs on the attention projections: wall time and peak RSS of the whole
+`lora-studio merge` process, against an SVD merge of the same pair.
 
-    python bench/bench_merge.py                      # both parts, writes bench/results/merge_cpu.md
+Part "real": fusion and ZipLoRA-fast on random-weight models of the real SD1.5 / SDXL architectures (written once
+under --real-cache), two rank-8 LoRAs on the attention projections, at --real-resolution: the same measures.
+
+Part "ziplora": ZipLoRA against the reference implementation's algorithm (bench/ziplora_reference.py).
+
+    python bench/bench_merge.py                      # every part, writes bench/results/merge_cpu.md
     python bench/bench_merge.py --part ziplora --zip-steps 50
 """
 
@@ -36,8 +33,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from ziplora_reference import part_ziplora, zip_table  # bench/ is on the path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -86,8 +82,9 @@ def rss_mb() -> float:
 
 def apply_variant(variant: str) -> dict:
     """The levers of the dense merges, one at a time against the default (see merging/ties_dare.py): an exact
-    k-th value instead of the sampled threshold, peft's stacked sign election and disjoint mean instead of the
-    running sums, 2 power iterations instead of 4, two worker threads over modules."""
+    k-th value instead of the sampled threshold (or a sample 4x larger), peft's stacked sign election and
+    disjoint mean instead of the running sums, whole modules at once instead of blocks of rows, 2 power
+    iterations instead of 1, 10 extra columns in the SVD's sketch instead of 4, one worker thread (on every core) instead of one per core."""
     import merging.linear
     import merging.ties_dare as td
 
@@ -95,18 +92,24 @@ def apply_variant(variant: str) -> dict:
     for part in filter(None, variant.split("+")):
         if part == "exact-threshold":
             td.THRESHOLD_SAMPLE = 1 << 62
+        elif part == "sample20":
+            td.THRESHOLD_SAMPLE = 1 << 20
+        elif part == "unblocked":
+            td.BLOCK = 1 << 62
         elif part == "peft-combine":
             from peft.utils import merge_utils
 
-            def peft_combine(tasks, weights, sign):
+            def peft_combine(tasks, weights, sign, out, work=()):
                 stacked = torch.stack(tasks)
-                weighted = stacked * weights.reshape(-1, *[1] * (stacked.dim() - 1))
+                weighted = stacked * torch.tensor(weights).reshape(-1, *[1] * (stacked.dim() - 1))
                 if sign is None:
-                    return weighted.sum(0)
+                    return out.copy_(weighted.sum(0))
                 mask = merge_utils.calculate_majority_sign_mask(stacked, method=sign)
-                return merge_utils.disjoint_merge(weighted, mask)
+                return out.copy_(merge_utils.disjoint_merge(weighted, mask))
 
             td._combine = peft_combine
+        elif part.startswith("oversample"):
+            merging.linear.OVERSAMPLE = int(part[10:])
         elif part.startswith("niter"):
             merging.linear.POWER_ITERATIONS = int(part[5:])
         elif part.startswith("workers"):
@@ -183,223 +186,126 @@ def part_methods(families: list[str], rank: int, work: Path, methods=None, varia
 
 
 # ----------------------------------------------------------------------------------------------------
-# part 2: ZipLoRA against the reference algorithm
+# part 2: the methods that run the base model
 
 
-class DenseZipLayer(nn.Module):
-    """The reference algorithm's layer: dense W_1, W_2, per-column mergers; merged weight made per forward."""
-
-    def __init__(self, base: nn.Linear, w1: torch.Tensor, w2: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self.register_buffer("w1", w1)
-        self.register_buffer("w2", w2)
-        self.m1 = nn.Parameter(torch.ones(w1.shape[1]))
-        self.m2 = nn.Parameter(torch.ones(w1.shape[1]))
-        self.mode = "merge"
-
-    def forward(self, x):
-        if self.mode == "merge":
-            weight = self.m1 * self.w1 + self.m2 * self.w2
-        else:
-            weight = self.w1 if self.mode == "weight_1" else self.w2
-        return self.base(x) + F.linear(x, weight)
+MODEL_METHODS = ("svd", "ziplora-fast", "ziplora", "fusion")
 
 
-def swap(pipe, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """Put `layers` into the pipeline at their paths; returns the modules they replaced."""
-    old = {}
-    for path, layer in layers.items():
-        component, _, name = path.partition(".")
-        parent, _, child = name.rpartition(".")
-        owner = getattr(pipe, component).get_submodule(parent)
-        old[path] = getattr(owner, child)
-        setattr(owner, child, layer)
-    return old
-
-
-def reference_fit(pipe, sources, pixels, conds, steps, lr, lam, seed, checkpoint) -> float:
-    """The reference's training loop on `sources` (two MergeSources); returns seconds spent training."""
-    from merging.ziplora_data import training_scheduler
-
-    f1, f2 = sources[0].factors(), sources[1].factors()
-    layers = {}
-    for p in f1:
-        base = pipe.unet.get_submodule(p.partition(".")[2])
-        layers[p] = DenseZipLayer(base, f1[p].delta(), f2[p].delta())
-    params = [q for layer in layers.values() for q in (layer.m1, layer.m2)]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    scheduler = training_scheduler(pipe)
-    generator = torch.Generator().manual_seed(seed)
-    unet, vae = pipe.unet, pipe.vae
-    seconds = 0.0
-    for step in range(steps):
-        old = swap(pipe, layers)
-        start = time.perf_counter()
-        latents = [vae.encode(px).latent_dist.sample(generator) * vae.config.scaling_factor for px in pixels]
-        noise = torch.randn(latents[0].shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)
-        noisy = [scheduler.add_noise(x, noise, t) for x in latents]
-
-        def run(i, mode, noisy=noisy, t=t):
-            for layer in layers.values():
-                layer.mode = mode
-            kwargs = {"added_cond_kwargs": conds[i].added} if conds[i].added else {}
-            return unet(noisy[i], t, encoder_hidden_states=conds[i].embeds, **kwargs).sample
-
-        pred_c, pred_s = run(0, "merge"), run(1, "merge")
-        with torch.no_grad():
-            target_c, target_s = run(0, "weight_1"), run(1, "weight_2")
-        similarity = sum((layer.m1 * layer.m2).abs().mean() for layer in layers.values())
-        loss = F.mse_loss(pred_c, target_c) + F.mse_loss(pred_s, target_s) + lam * similarity
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        seconds += time.perf_counter() - start
-        swap(pipe, old)
-        mergers = {p: {"s0": layer.m1.detach(), "s1": layer.m2.detach()} for p, layer in layers.items()}
-        checkpoint(step + 1, seconds, mergers)
-        if float(similarity.detach()) == 0.0:
-            break
-    return seconds
-
-
-def zip_pipe(size: str):
-    """The tiny SDXL pipeline, or ("small") the same with 4x wider UNet blocks, run at 128 px."""
-    from diffusers import UNet2DConditionModel
-
-    from tests.fixtures.tiny import TINY_SDXL_UNET, tiny_sdxl_pipeline
-
-    pipe = tiny_sdxl_pipeline(seed=0)
-    if size == "small":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            wide = {"block_out_channels": (128, 256, 256), "attention_head_dim": (2, 4, 8), "sample_size": 16}
-            pipe.unet = UNet2DConditionModel(**{**TINY_SDXL_UNET, **wide})
-    return pipe, (64 if size == "tiny" else 128)
-
-
-def zip_setup(work: Path, steps: int, size: str = "tiny", seed: int = 0):
-    """Two LoRAs on every attention projection of an SDXL-shaped model; one generated reference image each."""
-    from merging import MergeConfig
-    from merging.sources import load_sources
-    from merging.ziplora_layer import ZipLoraModel
+def part_model(families: list[str], work: Path, steps: int) -> list[dict]:
+    """ZipLoRA, ZipLoRA-fast and fusion on the built-in demo models, next to an SVD merge of the same pair:
+    each a whole `lora-studio merge` process, its wall time and peak RSS (the operating system's count)."""
     from studio.core.lora_files import write_lora
-    from studio.core.lora_ref import parse_lora_ref
-    from studio.core.modules import model_module_shapes
-    from studio.core.options import build_config
+    from studio.demo import load_demo_pipeline
     from tests.fixtures.lora_random import random_lora
 
-    pipe, side = zip_pipe(size)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        part.requires_grad_(False)  # frozen, as in both implementations: only the mergers train
-    attn = [
-        p
-        for p in model_module_shapes(pipe)
-        if ".attn" in p and p.endswith(("to_q", "to_k", "to_v", "to_out.0"))
-    ]
-    paths = [
-        write_lora(
-            random_lora(pipe, "sdxl", rank=4, seed=s, scale=0.12, targets=attn), work / f"zip{s}.safetensors"
+    rows = []
+    for family in families:
+        pipe = load_demo_pipeline(family)
+        attn = _attention_paths(pipe)
+        paths = [
+            write_lora(
+                random_lora(pipe, family, rank=4, seed=s, scale=0.12, targets=attn),
+                work / f"{family}_m{s}.safetensors",
+            )
+            for s in (1, 2)
+        ]
+        model = ROOT / "studio" / "demo" / "weights" / family
+        for method in MODEL_METHODS:
+            cmd = [*(f"{p}:0.8" for p in paths), "--method", method, "--rank", "8", "--overwrite",
+                   "--out", str(work / f"{family}_{method}.safetensors")]  # fmt: skip
+            if method != "svd":
+                cmd += ["--model", str(model), "--steps", str(steps), "--prompt", "a photo of a red circle",
+                        "--prompt", "a drawing in zwx style"]  # fmt: skip
+            timed = _timed_merge(cmd, work / f"{family}_{method}.log")
+            row = {
+                "family": family,
+                "method": method,
+                **timed,
+                "steps": steps if "ziplora" in method else "-",
+            }
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def model_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | method | steps | wall s | x SVD | peak RSS MB |", "|---|---|---|---|---|---|"]
+    svd = {r["family"]: r["wall_s"] for r in rows if r["method"] == "svd"}
+    for r in rows:
+        ratio = f"{r['wall_s'] / svd[r['family']]:.1f}x" if svd.get(r["family"]) else "-"
+        lines.append(
+            f"| {r['family']} | {r['method']} | {r['steps']} | {r['wall_s']} | {ratio} | {r['peak_rss_mb']} |"
         )
-        for s in (1, 2)
-    ]
-    sources, _ = load_sources([parse_lora_ref(str(p)) for p in paths])
-    prompts = ["a photo of sks dog", "a painting in zwx style"]
-    folders = []
-    model = ZipLoraModel(pipe, {f"s{i}": s.factors() for i, s in enumerate(sources)})
-    with model.installed(), torch.no_grad():
-        for i, prompt in enumerate(prompts):
-            model.set_mode("sources", [i])
-            image = pipe(
-                prompt,
-                num_inference_steps=10,
-                height=64,
-                width=64,
-                generator=torch.Generator().manual_seed(i),
-            ).images[0]
-            folder = work / f"refs{i}"
-            folder.mkdir(exist_ok=True)
-            image.save(folder / "0.png")
-            folders.append(str(folder))
-    cfg = build_config(
-        MergeConfig, sources=[str(p) for p in paths], method="ziplora", model="tiny", prompts=prompts,
-        references=folders, steps=steps, seed=seed, eval_samples=4, resolution=side,
-    )  # fmt: skip
-    return pipe, sources, cfg
+    return lines
 
 
-def part_ziplora(work: Path, steps: int, eval_every: int, size: str) -> dict:
-    from merging.ziplora import evaluate, fit_whole_model, prepare
-    from merging.ziplora_fast import fit_layerwise
-    from merging.ziplora_layer import ZipLoraModel
-    from studio.core.images import image_files
-
-    pipe, sources, cfg = zip_setup(work, steps, size)
-    model = ZipLoraModel(pipe, {f"s{i}": s.factors() for i, s in enumerate(sources)})
-    with model.installed():
-        setup = prepare(pipe, model, sources, cfg)
-        plain = evaluate(setup, "sum")["mse"]
-    runs = {}
-
-    def curve(name):
-        points = runs.setdefault(name, {"points": []})["points"]
-        return points
-
-    def ours(name, warm=False, fast=False):
-        model.reset_mergers()
-        points, clock = curve(name), {"eval": 0.0, "start": time.perf_counter()}
-
-        def progress(event):
-            if _checkpoint(event["step"], eval_every, event["steps"]):
-                t0 = time.perf_counter()
-                points.append(
-                    (event["step"], t0 - clock["start"] - clock["eval"], evaluate(setup, "merged")["mse"])
-                )
-                clock["eval"] += time.perf_counter() - t0
-
-        with model.installed():
-            if warm or fast:
-                fit_layerwise(setup, cfg, None)  # its mergers reach the layers at the end: one point
-                points.append(
-                    (
-                        "layer-wise",
-                        time.perf_counter() - clock["start"] - clock["eval"],
-                        evaluate(setup, "merged")["mse"],
-                    )
-                )
-            if not fast:
-                fit_whole_model(setup, cfg, progress)
-
-    ours("ours (lr 0.01)")
-    ours("ours, warm start", warm=True)
-    ours("ours fast (layer-wise)", fast=True)
-    side = cfg.resolution
-    pixels = [pipe.image_processor.preprocess(_load(image_files(f)[0]), side, side) for f in cfg.references]
-    conds = setup.target_conds
-    for lr in (5e-5, 0.01):
-        points = curve(f"reference (lr {lr:g})")
-
-        def checkpoint(step, seconds, mergers, points=points):
-            if _checkpoint(step, eval_every, steps):
-                model.load_mergers(mergers)
-                with model.installed():
-                    points.append((step, seconds, evaluate(setup, "merged")["mse"]))
-
-        reference_fit(pipe, sources, pixels, conds, steps, lr, cfg.similarity_weight, cfg.seed, checkpoint)
-    return {"plain_sum": plain, "runs": runs, "steps": steps, "size": size, "side": side}
-
-
-def _checkpoint(step: int, every: int, last: int) -> bool:
-    """Evaluate at steps 1, 2, 3, 5, then every `every` steps, and at the last."""
-    return step in (1, 2, 3, 5) or step % every == 0 or step == last
-
-
-def _load(path):
+def part_real(families: list[str], work: Path, cache: Path, resolution: int) -> list[dict]:
+    """Fusion and ZipLoRA-fast at real SD1.5 / SDXL shapes: a random-weight model of the real architecture
+    (bench_train.build_real, fp16 on disk, run in fp32), two random rank-8 LoRAs on the attention
+    projections, one reference image each at `resolution`; each a whole `lora-studio merge` process."""
+    import numpy as np
+    from bench_train import build_real
     from PIL import Image
 
-    return Image.open(path).convert("RGB")
+    from studio.core.lora_files import write_lora
+    from tests.fixtures.lora_random import random_lora
+
+    rows = []
+    for family in families:
+        model = build_real(family, cache / f"real-{family}")
+        shapes = meta_pipe(family)
+        attn = _attention_paths(shapes)
+        paths, refs = [], []
+        for s in (1, 2):
+            lora = random_lora(shapes, family, rank=8, seed=s, scale=0.05, targets=attn)
+            paths.append(write_lora(lora, work / f"{family}_real{s}.safetensors"))
+            folder = work / f"{family}_refs{s}"
+            folder.mkdir(exist_ok=True)
+            noise = np.random.default_rng(s).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
+            Image.fromarray(noise).save(folder / "0.png")
+            refs.append(folder)
+        for method in ("svd", "fusion", "ziplora-fast"):
+            cmd = [*(f"{p}:0.8" for p in paths), "--method", method, "--rank", "16", "--overwrite",
+                   "--out", str(work / f"{family}_real_{method}.safetensors")]  # fmt: skip
+            if method != "svd":
+                cmd += ["--model", str(model), "--resolution", str(resolution),
+                        "--prompt", "a photo of sks dog", "--prompt", "a painting in zwx style",
+                        "--references", str(refs[0]), "--references", str(refs[1])]  # fmt: skip
+            row = _timed_merge(cmd, work / f"{family}_real_{method}.log")
+            rows.append({"family": family, "method": method, "resolution": resolution, **row})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _attention_paths(pipe) -> list[str]:
+    from studio.core.modules import model_module_shapes
+
+    ends = ("to_q", "to_k", "to_v", "to_out.0")
+    return [
+        p for p in model_module_shapes(pipe) if p.startswith("unet.") and ".attn" in p and p.endswith(ends)
+    ]
+
+
+def _timed_merge(args: list[str], log: Path) -> dict:
+    """Wall seconds and peak RSS of one `lora-studio merge` process."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "studio.app.cli", "merge", *args], cwd=log.parent,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak, not the children's so far
+    if status != 0:
+        raise SystemExit(f"merge {' '.join(args)} failed:\n{log.read_text()[-3000:]}")
+    return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+
+
+def real_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | method | resolution | wall s | peak RSS MB |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['family']} | {r['method']} | {r['resolution']} | {r['wall_s']} | {r['peak_rss_mb']} |"
+        )
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -429,59 +335,35 @@ def methods_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def zip_table(result: dict) -> list[str]:
-    runs = result["runs"]
-    lines = [
-        f"Plain sum (all mergers 1): objective {result['plain_sum']:.5g}. Steps per run: {result['steps']}.",
-        "",
-        "| run | steps | train s | s/step | final objective |",
-        "|---|---|---|---|---|",
-    ]
-    for name, run in runs.items():
-        last = run["points"][-1]
-        steps = [p[0] for p in run["points"] if isinstance(p[0], int)]
-        per_step = f"{last[1] / steps[-1]:.3f}" if steps and last[0] == steps[-1] else "-"
-        lines.append(f"| {name} | {last[0]} | {last[1]:.1f} | {per_step} | {last[2]:.5g} |")
-    lines += [
-        "",
-        "Same objective: when each run first reaches a reference run's final objective (train seconds).",
-        "",
-        "| target: final objective of | objective | run | first reaches it after | speed-up vs reference |",
-        "|---|---|---|---|---|",
-    ]
-    for ref_name, ref in runs.items():
-        if not ref_name.startswith("reference"):
-            continue
-        target = ref["points"][-1][2]
-        ref_first = _first_reach(ref["points"], target)
-        for name, run in runs.items():
-            if name.startswith("reference") and name != ref_name:
-                continue
-            reach = _first_reach(run["points"], target)
-            when = f"{reach:.2f} s" if reach is not None else "not reached"
-            speed = f"{ref_first / reach:.1f}x" if reach else "-"
-            lines.append(f"| {ref_name} | {target:.5g} | {name} | {when} | {speed} |")
-    return lines
-
-
-def _first_reach(points: list, target: float) -> float | None:
-    return next((t for _, t, objective in points if objective <= target), None)
-
-
-def write_results(name: str, methods: list[dict] | None, zip_results: list[dict]) -> Path:
+def write_results(name: str, results: dict, setup: dict) -> Path:
     """Write bench/results/<name>.md; parts not run this time are kept from the previous file."""
     path = ROOT / "bench" / "results" / f"{name}.md"
     data = _previous_data(path)
-    if methods:
-        data["methods"] = {"machine": machine(), "rows": methods}
+    if results.get("methods"):
+        data["methods"] = {"machine": machine(), "rows": results["methods"], **setup}
+    for part in ("model", "real"):
+        if results.get(part):
+            data[part] = {"machine": machine(), "rows": results[part], "command": setup["command"]}
+    zip_results = results.get("ziplora", [])
     for result in zip_results:
         data.setdefault("ziplora", {})[result["size"]] = {"machine": machine(), **result}
     lines = [f"# Merge benchmark ({name})", "", "Written by bench/bench_merge.py.", ""]
     if "methods" in data:
-        lines += ["## Methods on SD1.5 / SDXL-shaped LoRAs (ranks 32 + 16, fp16, with text encoders)", ""]
-        lines += (
-            [f"Machine: {data['methods']['machine']}", ""] + methods_table(data["methods"]["rows"]) + [""]
-        )
+        part = data["methods"]
+        ranks = " + ".join(map(str, part.get("source_ranks", (32, 16))))
+        lines += [f"## Methods on SD1.5 / SDXL-shaped LoRAs (ranks {ranks}, fp16, with text encoders)", ""]
+        lines += [f"Machine: {part['machine']}", ""]
+        lines += [f"Command: `{part['command']}`", ""] if "command" in part else []
+        lines += methods_table(part["rows"]) + [""]
+    titles = {
+        "model": "Methods that run the base model (built-in demo models, 2 LoRAs of rank 4, rank 8 out)",
+        "real": "Fusion and ZipLoRA-fast at real shapes (random weights, 2 LoRAs of rank 8 on the attention)",
+    }
+    for key, table in (("model", model_table), ("real", real_table)):
+        if key in data:
+            part = data[key]
+            lines += [f"## {titles[key]}", "", f"Machine: {part['machine']}", ""]
+            lines += [f"Command: `{part['command']}`", ""] + table(part["rows"]) + [""]
     for result in data.get("ziplora", {}).values():
         model = (
             "tiny SDXL" if result["size"] == "tiny" else "small SDXL-shaped model (UNet widths 128/256/256)"
@@ -515,7 +397,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--part", choices=("methods", "ziplora", "all"), default="all")
+    parser.add_argument("--part", default="methods,model,ziplora", help="methods, model, real and/or ziplora")
+    parser.add_argument("--model-steps", type=int, default=20, help="ziplora steps in part model")
+    parser.add_argument("--real-resolution", type=int, default=512, help="image size in part real")
+    parser.add_argument(
+        "--real-cache", default="/tmp/lora-studio-real", help="where part real keeps its models"
+    )
     parser.add_argument("--families", default="sd15,sdxl")
     parser.add_argument("--rank", type=int, default=32, help="rank of svd/ties/dare/magnitude results")
     parser.add_argument("--zip-steps", type=int, default=100)
@@ -529,7 +416,7 @@ def main() -> None:
         "--variants",
         default="",
         help="dense-merge levers to compare, comma-separated "
-        "('' = the default; exact-threshold, peft-combine, niter2, workers2, joined with +)",
+        "('' = the default; exact-threshold, sample20, unblocked, peft-combine, niter2, oversample10, workers1, joined with +)",
     )
     parser.add_argument("--source-ranks", default="32,16", help="ranks of the two random source LoRAs")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -540,23 +427,31 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.sources, args.rank, args.out, args.variant)))
         return
+    parts = set(args.part.split(","))
+    ranks = tuple(int(r) for r in args.source_ranks.split(","))
+    families = args.families.split(",")
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        chosen = args.methods.split(",") if args.methods else None
-        ranks = tuple(int(r) for r in args.source_ranks.split(","))
-        variants = tuple(args.variants.split(",")) if args.variants else ("",)
-        methods = (part_methods(args.families.split(","), args.rank, work, chosen, variants, ranks)
-                   if args.part != "ziplora" else None)  # fmt: skip
-        zip_results = []
-        if args.part != "methods":
-            zip_results = [
+        if "methods" in parts:
+            chosen = args.methods.split(",") if args.methods else None
+            variants = tuple(args.variants.split(",")) if args.variants else ("",)
+            results["methods"] = part_methods(families, args.rank, work, chosen, variants, ranks)
+            print("\n".join(methods_table(results["methods"])))
+        if "model" in parts:
+            results["model"] = part_model(families, work, args.model_steps)
+            print("\n".join(model_table(results["model"])))
+        if "real" in parts:
+            results["real"] = part_real(families, work, Path(args.real_cache), args.real_resolution)
+            print("\n".join(real_table(results["real"])))
+        if "ziplora" in parts:
+            results["ziplora"] = [
                 part_ziplora(work, args.zip_steps, args.eval_every, z) for z in args.zip_size.split(",")
             ]
-    if methods:
-        print("\n".join(methods_table(methods)))
-    for zip_result in zip_results:
-        print("\n".join(zip_table(zip_result)))
-    print(f"wrote {write_results(args.name, methods, zip_results)}")
+            for zip_result in results["ziplora"]:
+                print("\n".join(zip_table(zip_result)))
+    setup = {"source_ranks": ranks, "command": "python bench/bench_merge.py " + " ".join(sys.argv[1:])}
+    print(f"wrote {write_results(args.name, results, setup)}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ Methods:
     magnitude     magnitude pruning to `density`, weighted sum, then SVD
     ziplora       ZipLoRA: learn per-column mergers on whole-model noise predictions (needs --model)
     ziplora-fast  ZipLoRA mergers fitted layer by layer on recorded layer inputs (needs --model)
+    fusion        Mix-of-Show gradient fusion: per layer, the weights that best give each concept's outputs on
+                  its own recorded inputs, solved in closed form (needs --model and one prompt per source)
     orthogonal    plain weighted sum of LoRAs trained with orthogonal adaptation, after checking they are
 """
 
@@ -28,13 +30,23 @@ from studio.core.lora_ref import LoraRef, parse_lora_ref
 from studio.core.options import check_fields, option
 
 Method = Literal[
-    "concat", "svd", "ties", "dare", "dare-ties", "magnitude", "ziplora", "ziplora-fast", "orthogonal"
+    "concat",
+    "svd",
+    "ties",
+    "dare",
+    "dare-ties",
+    "magnitude",
+    "ziplora",
+    "ziplora-fast",
+    "fusion",
+    "orthogonal",
 ]
 METHODS: tuple[str, ...] = (
-    "concat", "svd", "ties", "dare", "dare-ties", "magnitude", "ziplora", "ziplora-fast", "orthogonal",
+    "concat", "svd", "ties", "dare", "dare-ties", "magnitude", "ziplora", "ziplora-fast", "fusion", "orthogonal",
 )  # fmt: skip
 DENSE_METHODS = ("ties", "dare", "dare-ties", "magnitude")
 ZIPLORA_METHODS = ("ziplora", "ziplora-fast")
+MODEL_METHODS = ZIPLORA_METHODS + ("fusion",)  # they run the base model on each source's prompts
 
 
 @dataclass
@@ -44,7 +56,7 @@ class MergeConfig:
         [], "LoRA files, each FILE[:WEIGHT[:BLOCKS]] (BLOCKS: preset name or block vector)"
     )
     method: Method = option(
-        "concat", "concat, svd, ties, dare, dare-ties, magnitude, ziplora, ziplora-fast, orthogonal"
+        "concat", "concat, svd, ties, dare, dare-ties, magnitude, ziplora, ziplora-fast, fusion, orthogonal"
     )
     out: str = option("", "output LoRA file (.safetensors); may be empty when only --into-base is wanted")
     format: Literal["kohya", "peft"] = option(
@@ -62,7 +74,8 @@ class MergeConfig:
     family: Literal["sd15", "sdxl"] | None = option(None, "sd15 or sdxl, for files that do not say")
     model: str = option(
         "",
-        "base model (diffusers folder, single file, or demo:sd15 / demo:sdxl): needed by ziplora and --into-base",
+        "base model (diffusers folder, single file, or demo:sd15 / demo:sdxl): needed by ziplora, fusion, "
+        "DoRA sources and --into-base",
     )
     into_base: str = option(
         "", "also add the merged LoRA into the base model and save it as this single file"
@@ -85,9 +98,11 @@ class MergeConfig:
     )
     seed: int = option(0, "seed of DARE's random drop, of ZipLoRA's noise and of the report's random inputs")
     # --- ZipLoRA --------------------------------------------------------------------------------
-    prompts: list[str] = option([], "ziplora: one prompt per source (its trigger words), in source order")
+    prompts: list[str] = option(
+        [], "ziplora, fusion: one prompt per source (its trigger words), in source order"
+    )
     references: list[str] = option(
-        [], "ziplora: one folder of reference images per source ('' = generate them from the prompt)"
+        [], "ziplora, fusion: one folder of reference images per source ('' = generate them from the prompt)"
     )
     steps: int = option(100, "ziplora: merger optimisation steps (paper: 100)", min=0, max=100_000)
     lr: float = option(0.01, "ziplora: Adam learning rate of the mergers (paper: 0.01)")
@@ -116,9 +131,15 @@ class MergeConfig:
     )
     fast_steps: int = option(200, "ziplora-fast: Adam steps of the layer-wise fit", min=0, max=100_000)
     fast_lr: float = option(0.01, "ziplora-fast: Adam learning rate of the layer-wise fit")
-    fast_tokens: int = option(256, "ziplora-fast: recorded input rows kept per layer and source", min=1)
+    fast_tokens: int = option(
+        256, "ziplora-fast, fusion: recorded input rows kept per layer and source", min=1
+    )
     eval_samples: int = option(
-        4, "ziplora: fixed noisy samples per source for the whole-model error in the report", min=1
+        4, "ziplora: fixed noisy samples per source for the whole-model error; fusion: recorded ones", min=1
+    )
+    # --- gradient fusion -------------------------------------------------------------------------
+    fusion_ridge: float = option(
+        1e-3, "fusion: ridge added to each layer's input Gram matrix, relative to its mean diagonal", min=0.0
     )
     # --- orthogonal / report --------------------------------------------------------------------
     ortho_tolerance: float = option(
@@ -147,9 +168,9 @@ class MergeConfig:
             raise ConfigError(
                 "say where the result goes: --out merged.safetensors and/or --into-base model.safetensors"
             )
-        if self.method in ZIPLORA_METHODS + ("orthogonal",) and len(self.sources) < 2:
+        if self.method in MODEL_METHODS + ("orthogonal",) and len(self.sources) < 2:
             raise ConfigError(f"method {self.method} merges two or more LoRAs; got {len(self.sources)}")
-        if self.method in ZIPLORA_METHODS:
+        if self.method in MODEL_METHODS:
             if not self.model:
                 raise ConfigError(f"method {self.method} runs the base model: give it with --model")
             if len(self.prompts) != len(self.sources):

@@ -61,7 +61,11 @@ def truncate_factors(f: Factors, rank: int) -> tuple[Factors, float]:
     return Factors(new_up.to(f.up.dtype), new_down.to(f.down.dtype)), error
 
 
-POWER_ITERATIONS = 4  # of the randomized SVD (torch.svd_lowrank's niter); see bench/results/merge_cpu.md
+# The randomized SVD's power iterations and extra columns: on TIES / DARE results at SDXL shapes, 2 or 4
+# iterations and 10 extra columns move the error by under 0.3 % of itself, at 1.3-2x the time
+# (bench/results/merge_levers.md).
+POWER_ITERATIONS = 1
+OVERSAMPLE = 4
 
 
 def truncate_dense(
@@ -69,28 +73,45 @@ def truncate_dense(
 ) -> tuple[Factors, float]:
     """Rank-`rank` factors of a dense (out, in) matrix and the relative error actually left.
 
-    solver: "full" = torch.linalg.svd (the optimum), "randomized" = torch.svd_lowrank (a few power
-    iterations; much faster when rank << size), "auto" = randomized only when that is the case.
+    solver: "full" = torch.linalg.svd (the optimum), "randomized" = a randomized range finder with a few
+    power iterations (much faster when rank << size), "auto" = randomized only when that is the case.
+    The error comes from the singular values (||D||^2 - sum of the kept s^2, exact for both solvers because
+    the factors are the projection onto an orthonormal basis); when that difference is too small for float
+    precision (errors under 1 %) it is measured on the matrix instead.
     """
     delta = delta.to(torch.float32)
     k = min(rank, *delta.shape)
     small = min(delta.shape)
-    randomized = solver == "randomized" or (solver == "auto" and small >= 256 and 4 * (k + 10) <= small)
+    randomized = solver == "randomized" or (
+        solver == "auto" and small >= 256 and 4 * (k + OVERSAMPLE) <= small
+    )
     if randomized:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            u, s, v = torch.svd_lowrank(
-                delta, q=min(k + 10, small), niter=POWER_ITERATIONS if niter is None else niter
-            )
-        u, s, vh = u[:, :k], s[:k], v[:, :k].T
+        niter = POWER_ITERATIONS if niter is None else niter
+        u, s, vh = _randomized_svd(delta, min(k + OVERSAMPLE, small), niter, seed)
     else:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        u, s, vh = u[:, :k], s[:k], vh[:k]
+    u, s, vh = u[:, :k], s[:k], vh[:k]
     root = s.sqrt()
     factors = Factors(u * root, root[:, None] * vh)
-    norm = float(delta.norm())
-    error = float((delta - factors.delta()).norm()) / norm if norm > 0 else 0.0
-    return factors, error
+    total = float(delta.norm()) ** 2
+    if total == 0:
+        return factors, 0.0
+    left = total - float(s.double().square().sum())
+    if left > 1e-4 * total:  # an error above 1 %: float32 sums give it to well under 1 % of itself
+        return factors, (left / total) ** 0.5
+    return factors, float((delta - factors.delta()).norm()) / total**0.5
+
+
+def _randomized_svd(a: torch.Tensor, q: int, niter: int, seed: int):
+    """Halko-Martinsson-Tropp with power iterations, as torch.svd_lowrank, but drawing from a generator:
+    torch.svd_lowrank takes no generator, and seeding the global one is not safe across threads."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(a.shape[1], q, generator=g).to(a.device)
+    basis = torch.linalg.qr(a @ omega).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(a @ torch.linalg.qr(a.T @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.T @ a, full_matrices=False)
+    return basis @ u, s, vh
 
 
 def default_rank(sources: list[MergeSource]) -> int:

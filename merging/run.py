@@ -156,6 +156,13 @@ def merge_factors(
 
         factors, info = orthogonal_merge(sources, config.ortho_tolerance)
         return Merged(factors, {"orthogonality": info["pairs"]}, info["warnings"])
+    if method == "fusion":
+        from merging.fusion import fusion_merge
+
+        if pipe is None:
+            raise StudioError("method fusion runs the base model: give it with --model")
+        outcome = fusion_merge(sources, pipe, config, progress)
+        return Merged(outcome.factors, {"fusion": outcome.info}, [], outcome.recorded)
     if method in ZIPLORA_METHODS:
         from merging.ziplora import ziplora_merge
 

@@ -13,6 +13,7 @@ import tomllib
 from typing import Any
 
 from studio.app.confine import confine
+from studio.app.regions import regions_from_rows
 from studio.app.workspace import Workspace
 from studio.core.errors import ConfigError
 from studio.core.options import build_config, load_preset
@@ -135,8 +136,8 @@ def merge_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = Fal
     }
     if int(values.get("rank") or 0) > 0:
         options["rank"] = int(values["rank"])
-    if values["method"].startswith("ziplora") or any(_is_dora(ws, source) for source in sources):
-        options["model"] = model_choice(ws, values["model"])  # ZipLoRA runs it; DoRA's change depends on it
+    if values["method"] in ("ziplora", "ziplora-fast", "fusion") or any(_is_dora(ws, s) for s in sources):
+        options["model"] = model_choice(ws, values["model"])  # ZipLoRA, fusion run it; DoRA depends on it
     return confine(ws, build_config(MergeConfig, options), allow_pickle=allow_pickle)
 
 
@@ -174,6 +175,8 @@ def generate_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = 
             "height": size,
             "batch_count": int(values["count"]),
             "out": ws.outputs,
+            "regions": regions_from_rows(ws, values.get("regions")),
+            "region_base": 0.2 if values.get("region_base") is None else float(values["region_base"]),
             **b_lora,
         },
     )
