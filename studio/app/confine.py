@@ -19,14 +19,15 @@ from studio.core.lora_ref import parse_lora_ref
 
 # field -> what it holds: "path" (a file or folder), "model" (a path, or demo:NAME / "" for a built-in
 # model), "resume" (a checkpoint folder, or "" / "latest"), "refs" (FILE[:WEIGHT[:BLOCKS]] texts),
-# "folders" (a list of folders, "" allowed), "stack" (LoraSpecs), "lora_text" (FILE[:WEIGHT] or empty)
+# "folders" (a list of folders, "" allowed), "stack" (LoraSpecs), "lora_text" (FILE[:WEIGHT] or empty),
+# "regions" (Regions, each with an optional LoraSpec)
 PATH_FIELDS: dict[str, dict[str, str]] = {
     "TrainConfig": {"model": "model", "data_dir": "path", "output_dir": "path", "class_data_dir": "path",
                     "resume": "resume", "logging_dir": "path"},
     "MergeConfig": {"model": "model", "sources": "refs", "out": "path", "into_base": "path",
                     "references": "folders"},
     "GenerateConfig": {"model": "model", "loras": "stack", "b_lora_content": "lora_text",
-                       "b_lora_style": "lora_text", "out": "path"},
+                       "b_lora_style": "lora_text", "out": "path", "regions": "regions"},
 }  # fmt: skip
 
 
@@ -68,6 +69,10 @@ def _confined(ws: Workspace, what: str, value: Any) -> Any:
         return _ref_text(ws, value) if value else value
     if what == "stack":
         return [dataclasses.replace(spec, path=ws.resolve(spec.path)) for spec in value]
+    if what == "regions":
+        return [
+            dataclasses.replace(r, lora=_confined(ws, "stack", [r.lora])[0]) if r.lora else r for r in value
+        ]
     raise ValueError(what)
 
 

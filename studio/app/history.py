@@ -51,6 +51,7 @@ def history(ws: Workspace, limit: int = 60) -> list[HistoryItem]:
 
 def reuse(ws: Workspace, name: str) -> dict[str, Any]:
     """The Generate tab's field values that make an image of the history again."""
+    from studio.app.regions import rows_from_record
     from studio.generation.records import read_record
 
     path = ws.resolve(ws.outputs / name)
@@ -70,6 +71,8 @@ def reuse(ws: Workspace, name: str) -> dict[str, Any]:
         "cfg": r.get("cfg", 7.0),
         "seed": r.get("seed", -1),
         "size": r.get("width") or 0,
+        "regions": rows_from_record(r.get("regions", []), lambda p: _relative(ws, p)),
+        "region_base": r.get("region_base", 0.2),
     }
 
 

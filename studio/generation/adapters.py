@@ -235,8 +235,9 @@ class AdapterPool:
     # ---------------------------------------------------------------------------------------------
     # weights and active sets
 
-    def activate(self, stack: Sequence[StackEntry]) -> None:
-        """Make exactly `stack` act, each module at weight * block weight; other adapters stop acting."""
+    def activate(self, stack: Sequence[StackEntry], evict: bool = True) -> None:
+        """Make exactly `stack` act, each module at weight * block weight; other adapters stop acting
+        (and, with `evict`, the least recently used beyond max_adapters leave the pipeline)."""
         self.unfuse()
         for adapter, weight, block_weights in stack:
             for layer, block in adapter.layers:
@@ -244,7 +245,8 @@ class AdapterPool:
                 layer.set_scale(adapter.name, float(weight) * factor)
         self._in_use = [a.name for a, _, _ in stack]
         self.set_active(self._in_use)
-        self._evict()
+        if evict:
+            self._evict()
 
     def set_active(self, names: Sequence[str], components: Sequence[str] = COMPONENTS) -> None:
         """Let only `names` act (at their current scales) in the given components' layers.

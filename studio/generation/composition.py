@@ -178,3 +178,60 @@ class LoraComposite:
             out = original(**batch, return_dict=False)[0]
         self.trace.append(tuple(sorted(set(per_sample))))
         return out.unflatten(0, (k, n))
+
+
+class RegionalSampler:
+    """A global prompt and regions: every step the UNet predicts the noise once per branch (the global
+    prompt with the stack, then each region's prompt with the stack plus the region's LoRA), and the
+    predictions are blended by the regions' boxes in latent space. Inside a region its prediction stands,
+    mixed with `base` of the global one (Regional Prompter's base ratio); overlapping regions average;
+    outside every region the global prediction stands.
+
+    The blend is of whole predictions (Regional Prompter's latent mode, ComfyUI's masked area conditioning)
+    rather than of cross-attention outputs, because a region's LoRA changes every layer it adapts: only
+    the region's own prediction keeps that change inside the box. One UNet call per branch and step.
+    """
+
+    def __init__(
+        self,
+        activate: Callable[[int], None],
+        conds: Sequence[Conditioning],
+        boxes: Sequence[tuple[float, float, float, float]],
+        base: float,
+    ):
+        self.activate, self.conds, self.boxes, self.base = activate, list(conds), list(boxes), base
+        self.trace: list[tuple[str, ...]] = []
+        self._masks: torch.Tensor | None = None
+
+    @contextmanager
+    def installed(self, unet: torch.nn.Module) -> Iterator[None]:
+        with forward_replaced(unet, self.forward):
+            yield
+
+    def masks(self, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        """(regions, 1, 1, height, width) boxes on the latent grid (at least one latent pixel each)."""
+        if self._masks is None or self._masks.shape[-2:] != (height, width):
+            masks = torch.zeros(len(self.boxes), 1, 1, height, width)
+            for mask, (x0, y0, x1, y1) in zip(masks, self.boxes):
+                top, left = min(int(y0 * height), height - 1), min(int(x0 * width), width - 1)
+                bottom, right = max(round(y1 * height), top + 1), max(round(x1 * width), left + 1)
+                mask[..., top:bottom, left:right] = 1.0
+            self._masks = masks
+        return self._masks.to(like.device, like.dtype)
+
+    def forward(self, original: Callable, *args, **kwargs):
+        inputs = _unet_kwargs(args, kwargs)
+        return_dict = inputs.pop("return_dict", True)
+        preds = []
+        for branch, cond in enumerate(self.conds):
+            self.activate(branch)
+            preds.append(original(**_with_conditioning(cond, inputs), return_dict=False)[0])
+        self.activate(0)
+        self.trace.append(tuple(str(i) for i in range(len(preds))))
+        glob, regional = preds[0], torch.stack(preds[1:])
+        masks = self.masks(*glob.shape[-2:], like=glob)
+        cover = masks.sum(0)
+        inside = (masks * regional).sum(0) / cover.clamp(min=1.0)
+        inside = (1 - self.base) * inside + self.base * glob
+        covered = cover.clamp(max=1.0)
+        return _output(covered * inside + (1 - covered) * glob, return_dict)

@@ -48,6 +48,71 @@ class LoraSpec:
         return cls(ref.path, ref.weight, ref.blocks)
 
 
+@dataclass
+class Region:
+    """A box of the image with its own prompt and, optionally, its own LoRA (regional generation).
+
+    Typed X0,Y0,X1,Y1:PROMPT[:FILE[:WEIGHT]]: corners as fractions of the image (0-1) or in pixels (any
+    value above 1); the prompt cannot contain ':'.
+
+    >>> r = Region.parse("0,0,0.5,1:a photo of sks dog:dog.safetensors:0.9")
+    >>> r.box, r.prompt, r.lora.path.name, r.lora.weight
+    ((0.0, 0.0, 0.5, 1.0), 'a photo of sks dog', 'dog.safetensors', 0.9)
+    >>> Region.parse("0,0,256,512:a cat").fractions(512, 512)
+    (0.0, 0.0, 0.5, 1.0)
+    """
+
+    box: tuple[float, float, float, float]
+    prompt: str
+    lora: LoraSpec | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Region:
+        corners, _, rest = str(text).partition(":")
+        prompt, _, lora = rest.partition(":")
+        try:
+            box = tuple(float(v) for v in corners.split(","))
+        except ValueError:
+            box = ()
+        if len(box) != 4 or not prompt.strip():
+            raise ConfigError(
+                f"cannot read region {text!r}: type X0,Y0,X1,Y1:PROMPT[:FILE[:WEIGHT]], e.g. "
+                "'0,0,0.5,1:a photo of sks dog:dog.safetensors:0.9' (corners in 0-1 or in pixels)"
+            )
+        spec = LoraSpec.parse(lora) if lora.strip() else None
+        if spec is not None and spec.block_weights is not None:
+            raise ConfigError(f"region {text!r}: a region's LoRA takes FILE[:WEIGHT], without block weights")
+        return cls(box, prompt.strip(), spec)  # type: ignore[arg-type]
+
+    def fractions(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The box as fractions of a width x height image; a clear error when it is empty or outside."""
+        x0, y0, x1, y1 = self.box
+        if max(self.box) > 1:
+            x0, x1, y0, y1 = x0 / width, x1 / width, y0 / height, y1 / height
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise ConfigError(
+                f"region {self.text()!r} is empty or outside the {width}x{height} image: corners go "
+                "X0,Y0,X1,Y1 with X0 < X1 and Y0 < Y1, as fractions (0-1) or pixels"
+            )
+        return x0, y0, x1, y1
+
+    def text(self) -> str:
+        box = ",".join(f"{v:g}" for v in self.box)
+        lora = f":{self.lora.path}:{self.lora.weight:g}" if self.lora else ""
+        return f"{box}:{self.prompt}{lora}"
+
+
+def _as_region(value) -> Region:
+    if isinstance(value, Region):
+        return value
+    if isinstance(value, str):
+        return Region.parse(value)
+    if isinstance(value, Mapping) and {"box", "prompt"} <= set(value):
+        lora = value.get("lora")
+        return Region(tuple(value["box"]), value["prompt"], _as_spec(lora) if lora else None)
+    raise ConfigError(f"cannot read {value!r} as a region: give X0,Y0,X1,Y1:PROMPT[:FILE[:WEIGHT]]")
+
+
 def _as_spec(value) -> LoraSpec:
     if isinstance(value, LoraSpec):
         return value
@@ -106,9 +171,16 @@ class GenerateConfig:
     compile: bool = option(False, "torch.compile the UNet (merge mode; GPU)")
     allow_pickle: bool = option(False, "also load .ckpt/.pt/.bin files (they can run code)")
     expect_model_hash: str | None = option(None, "refuse a base model with another hash (set by --from)")
+    regions: list[Region] = option(
+        [], "regional prompts: X0,Y0,X1,Y1:PROMPT[:FILE[:WEIGHT]], repeatable; the prompt covers the rest"
+    )
+    region_base: float = option(
+        0.2, "regions: share of the global prompt's prediction kept inside each region", min=0.0, max=1.0
+    )
 
     def __post_init__(self) -> None:
         self.loras = [_as_spec(v) for v in (self.loras or [])]
+        self.regions = [_as_region(v) for v in (self.regions or [])]
         self.out = Path(self.out)
 
     def stack(self) -> list[LoraSpec]:
@@ -134,6 +206,13 @@ class GenerateConfig:
             raise ConfigError(
                 f"mode {self.mode!r} composes several LoRAs but the stack is empty; add --lora FILE"
             )
+        if self.regions and self.mode != "merge":
+            raise ConfigError(
+                f"regions work with mode 'merge' (each region adds its LoRA to the stack); got {self.mode!r}"
+            )
+        for region in self.regions:  # boxes in pixels are checked against the image size when it is known
+            if max(region.box) <= 1:
+                region.fractions(1, 1)
         if self.compile and self.mode != "merge":
             raise ConfigError(
                 "compile works with mode 'merge' only (switch and composite change the graph per step)"
@@ -166,6 +245,14 @@ def _record_values(record: dict) -> dict:
         "seed": record["seed"],
         "batch_count": 1,
         "fuse": "on" if record["fused"] else "off",
+        "regions": [_region_from_record(r) for r in record.get("regions", [])],
+        "region_base": record.get("region_base", 0.2),
         **{k: record[k] for k in ("mode", "tau", "composite_batched", "scheduler", "steps", "cfg")},
         **{k: record[k] for k in ("width", "height", "clip_skip", "device", "dtype")},
     }
+
+
+def _region_from_record(r: dict) -> Region:
+    lora = r.get("lora")
+    spec = LoraSpec(Path(lora["path"]), lora["weight"], None, lora["sha256"]) if lora else None
+    return Region(tuple(r["box"]), r["prompt"], spec)

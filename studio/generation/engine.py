@@ -27,8 +27,8 @@ from studio.core.errors import BadFileError, ConfigError, StudioError
 from studio.core.families import TEXT_ENCODERS, Family
 from studio.core.samplers import make_sampler, scheduler_name
 from studio.generation.adapters import Adapter, AdapterPool, file_key
-from studio.generation.composition import Conditioning, LoraComposite, LoraSwitch
-from studio.generation.config import GenerateConfig, LoraSpec
+from studio.generation.composition import Conditioning, LoraComposite, LoraSwitch, RegionalSampler
+from studio.generation.config import GenerateConfig, LoraSpec, Region
 from studio.generation.records import RECORD_FORMAT, RECORD_VERSION
 
 PRESET_NAME = re.compile(r"[A-Za-z_][\w.]*")
@@ -167,15 +167,32 @@ class GenerationEngine:
             path_id = file_key(spec.path)[0]
             adapter = self.pool.load(spec.path, slot=seen[path_id])
             seen[path_id] += 1
-            if spec.sha256 and adapter.sha256 != spec.sha256:
-                raise BadFileError(
-                    f"{spec.path}: this file has changed since the image was made (sha256 {adapter.sha256[:12]}, "
-                    f"expected {spec.sha256[:12]}); the image cannot be reproduced with it."
-                )
+            _check_hash(spec, adapter)
             if spec.block_weights in ("CONTENT", "STYLE") and self.family != "sdxl":
                 raise ConfigError(f"{spec.path}: B-LoRA content/style blocks exist in SDXL models only.")
             entries.append(_Entry(spec, adapter, self._block_weights(spec, adapter)))
         return entries
+
+    def resolve_regions(
+        self, cfg: GenerateConfig, entries: list[_Entry]
+    ) -> list[tuple[Region, Adapter | None]]:
+        """Each region with the adapter of its LoRA (a file also in the stack gets an adapter of its own)."""
+        seen = Counter(file_key(e.spec.path)[0] for e in entries)
+        out = []
+        for region in cfg.regions:
+            adapter = None
+            if region.lora is not None:
+                path_id = file_key(region.lora.path)[0]
+                adapter = self.pool.load(region.lora.path, slot=seen[path_id])
+                seen[path_id] += 1
+                _check_hash(region.lora, adapter)
+            out.append((region, adapter))
+        if len(self.pool.adapters) > self.pool.max_adapters:
+            raise ConfigError(
+                f"the stack and the regions use {len(self.pool.adapters)} LoRAs; at most "
+                f"{self.pool.max_adapters} fit at once. Use fewer LoRAs."
+            )
+        return out
 
     def _block_weights(self, spec: LoraSpec, adapter: Adapter) -> dict[str, float] | None:
         if spec.block_weights is None:
@@ -196,7 +213,7 @@ class GenerationEngine:
     def _apply_stack(self, cfg: GenerateConfig, entries: list[_Entry]) -> bool:
         """Set the stack's weights (or keep it fused when unchanged); True when the LoRAs are fused."""
         signature = _signature(entries)
-        fuse = bool(entries) and cfg.mode == "merge" and cfg.fuse != "off"
+        fuse = bool(entries) and cfg.mode == "merge" and cfg.fuse != "off" and not cfg.regions
         if cfg.fuse == "auto":  # fusing pays off on a GPU while the same stack makes several images
             fuse = fuse and self.device.type == "cuda"
             fuse = fuse and (cfg.batch_count > 1 or signature == self._last_signature)
@@ -220,6 +237,8 @@ class GenerationEngine:
             "generator": torch.Generator("cpu").manual_seed(seed),  # same noise on every device
             "output_type": "np",  # checked for NaN before it becomes a picture (see _picture)
         }
+        if cfg.regions:
+            return self._denoise_regions(cfg, entries, call, cfg_on), None
         if cfg.mode == "merge":
             return _picture(self.pipe(**self.encode(cfg, cfg_on).pipeline_kwargs(), **call).images[0]), None
         names = [e.adapter.name for e in entries]
@@ -238,14 +257,43 @@ class GenerationEngine:
         index = {name: i for i, name in enumerate(names)}
         return image, [tuple(sorted(index[n] for n in step)) for step in router.trace]
 
+    def _denoise_regions(
+        self, cfg: GenerateConfig, entries: list[_Entry], call: dict, cfg_on: bool
+    ) -> Image.Image:
+        """The global prompt with the stack, each region's prompt with the stack and its LoRA (composition's
+        RegionalSampler), the text encoders included."""
+        stack = [(e.adapter, e.spec.weight, e.block_weights) for e in entries]
+        regions = self.resolve_regions(cfg, entries)
+        stacks = [stack] + [stack + ([(a, r.lora.weight, None)] if a else []) for r, a in regions]
+        boxes = [r.fractions(call["width"], call["height"]) for r, _ in regions]
+
+        def activate(branch: int) -> None:
+            self.pool.activate(stacks[branch], evict=False)
+
+        embeds = []
+        for branch, prompt in enumerate([cfg.prompt] + [r.prompt for r, _ in regions]):
+            activate(branch)
+            embeds.append(self.encode(cfg, cfg_on, prompt=prompt))
+        router = RegionalSampler(
+            activate, [e.unet_conditioning(cfg_on) for e in embeds], boxes, cfg.region_base
+        )
+        try:
+            with router.installed(self.pipe.unet):
+                return _picture(self.pipe(**embeds[0].pipeline_kwargs(), **call).images[0])
+        finally:
+            activate(0)
+
     @torch.no_grad()
-    def encode(self, cfg: GenerateConfig, cfg_on: bool, only: str | None = None) -> PromptEmbeds:
-        """Encode the prompts with the stack's text-encoder parts (or with adapter `only`'s alone)."""
+    def encode(
+        self, cfg: GenerateConfig, cfg_on: bool, only: str | None = None, prompt: str | None = None
+    ) -> PromptEmbeds:
+        """Encode the prompt (cfg's, or `prompt`) with the stack's text-encoder parts (or with adapter
+        `only`'s alone)."""
         if only is not None:
             self.pool.set_active([only], TEXT_ENCODERS)
         try:
             out = self.pipe.encode_prompt(
-                prompt=cfg.prompt,
+                prompt=cfg.prompt if prompt is None else prompt,
                 device=self.device,
                 num_images_per_prompt=1,
                 do_classifier_free_guidance=cfg_on,
@@ -297,7 +345,19 @@ class GenerationEngine:
             "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)),
             "fused": fused,
             "trace": trace,
+            **self._regions_record(cfg, entries),
         }
+
+    def _regions_record(self, cfg: GenerateConfig, entries: list[_Entry]) -> dict:
+        if not cfg.regions:
+            return {}
+        regions = []
+        for region, adapter in self.resolve_regions(cfg, entries):
+            lora = None
+            if adapter is not None:
+                lora = {"path": str(adapter.path), "sha256": adapter.sha256, "weight": region.lora.weight}
+            regions.append({"box": list(region.box), "prompt": region.prompt, "lora": lora})
+        return {"regions": regions, "region_base": cfg.region_base}
 
 
 def _picture(pixels: np.ndarray) -> Image.Image:
@@ -308,6 +368,14 @@ def _picture(pixels: np.ndarray) -> Image.Image:
             "base model overflows in this precision. Lower the LoRA weights, or try dtype fp32."
         )
     return Image.fromarray((np.clip(pixels, 0, 1) * 255).round().astype(np.uint8))
+
+
+def _check_hash(spec: LoraSpec, adapter: Adapter) -> None:
+    if spec.sha256 and adapter.sha256 != spec.sha256:
+        raise BadFileError(
+            f"{spec.path}: this file has changed since the image was made (sha256 {adapter.sha256[:12]}, "
+            f"expected {spec.sha256[:12]}); the image cannot be reproduced with it."
+        )
 
 
 def _signature(entries: list[_Entry]) -> tuple:

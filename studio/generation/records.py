@@ -68,10 +68,19 @@ def parameters_text(record: dict[str, Any]) -> str:
         fields.append(("LoRA mode", record["mode"]))
         if record["mode"] == "switch":
             fields.append(("LoRA tau", record["tau"]))
+    if record.get("regions"):
+        fields.append(("Regions", '"' + " | ".join(_region_text(r) for r in record["regions"]) + '"'))
+        fields.append(("Region base", f"{record.get('region_base', 0.2):g}"))
     if record.get("studio_version"):
         fields.append(("Version", f"lora-studio {record['studio_version']}"))
     lines.append(", ".join(f"{key}: {value}" for key, value in fields))
     return "\n".join(lines)
+
+
+def _region_text(region: dict[str, Any]) -> str:
+    box = ",".join(f"{v:g}" for v in region["box"])
+    tag = f" {_lora_tag(region['lora'])}" if region.get("lora") else ""
+    return f"{box}: {region['prompt']}{tag}".replace('"', "'")
 
 
 def _lora_name(lora: dict[str, Any]) -> str:

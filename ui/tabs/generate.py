@@ -11,6 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio.app.form_configs import DEMO_MODELS
+from studio.app.regions import BLANK_ROWS, HEADERS, preview
 from ui.forms import Form, handler
 
 MODES = ["merge", "switch", "composite"]
@@ -47,7 +48,8 @@ def compare(services, values: dict) -> tuple[str, str]:
     return str(path), f"grid saved as outputs/grids/{Path(path).name}"
 
 
-REUSED = ("prompt", "negative_prompt", "model", "loras", "weights", "mode", "steps", "cfg", "seed", "size")
+REUSED = ("prompt", "negative_prompt", "model", "loras", "weights", "mode", "steps", "cfg", "seed", "size",
+          "regions", "region_base")  # fmt: skip
 
 
 def build(services) -> dict[str, gr.components.Component]:
@@ -75,6 +77,7 @@ def build(services) -> dict[str, gr.components.Component]:
                         b_style = gr.Dropdown(
                             ws.lora_files(), value=None, allow_custom_value=True, label="Style from"
                         )
+                regions, region_base = _regions(ws)
                 with gr.Accordion("Settings", open=False):
                     with gr.Row():
                         steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
@@ -90,12 +93,33 @@ def build(services) -> dict[str, gr.components.Component]:
         form = Form(
             prompt=prompt, negative_prompt=negative, model=model, loras=loras, weights=weights, mode=mode,
             steps=steps, cfg=cfg, seed=seed, size=size, count=count, b_lora_content=b_content,
-            b_lora_style=b_style,
+            b_lora_style=b_style, regions=regions, region_base=region_base,
         )  # fmt: skip
         run.click(handler(services, generate, form), form.inputs, [gallery, info], api_name="generate")
         _history(services, form)
         _compare(services, form)
     return {"loras": loras, "b_content": b_content, "b_style": b_style, "weights": weights}
+
+
+def _regions(ws) -> tuple[gr.Dataframe, gr.Slider]:
+    """A prompt (and a LoRA) per box: typed in a table, drawn over the canvas as they are typed."""
+    with gr.Accordion("Regions: a prompt (and a LoRA) per box of the image", open=False):
+        gr.Markdown(
+            "Corners as fractions of the image (0-1) or in pixels. The prompt above covers the rest of the "
+            "image; rows without a prompt are left out. LoRA: a file of the workspace (e.g. "
+            "`loras/dog.safetensors`), added to the stack inside its box."
+        )
+        with gr.Row():
+            table = gr.Dataframe(
+                value=BLANK_ROWS, headers=HEADERS, datatype=["number"] * 4 + ["str", "str", "number"],
+                row_count=2, column_count=7, interactive=True, type="array", scale=3,
+                elem_id="generate-regions",
+            )  # fmt: skip
+            canvas = gr.Image(value=preview(BLANK_ROWS), label="Boxes over the canvas", interactive=False,
+                              height=200, scale=1)  # fmt: skip
+        base = gr.Slider(0, 1, value=0.2, step=0.05, label="Global prompt kept inside the boxes")
+        table.change(preview, table, canvas, api_name=False, show_progress="hidden")
+    return table, base
 
 
 def _history(services, form: Form) -> None:

@@ -6,6 +6,8 @@ Examples:
       --lora fox.safetensors --lora snow.safetensors:0.9:OUTALL --scheduler "DPM++ 2M Karras"
   lora-studio generate --model sdxl.safetensors --prompt "a dog in [s] style" \\
       --b-lora-content dog_b.safetensors --b-lora-style watercolor_b.safetensors:0.9
+  lora-studio generate --prompt "two shapes" --region "0,0,0.5,1:a red circle" \\
+      --region "0.5,0,1,1:a sks shape:sks.safetensors:0.9"   # a prompt (and LoRA) per region
   lora-studio generate --from outputs/00003-42.png            # the same pixels again
   lora-studio generate --from outputs/00003-42.png --seed 7   # same settings, another seed
 """
@@ -23,7 +25,7 @@ from studio.core.options import (
     load_preset,
     parse_set_options,
 )
-from studio.generation.config import GenerateConfig, LoraSpec, config_from_record
+from studio.generation.config import GenerateConfig, LoraSpec, Region, config_from_record
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -41,6 +43,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="a LoRA of the stack (repeatable); BLOCKS is a preset (OUTALL...) or a 12/17/20/26-value vector",
     )
     p.add_argument(
+        "--region",
+        action="append",
+        default=None,
+        metavar="X0,Y0,X1,Y1:PROMPT[:FILE[:WEIGHT]]",
+        help="a region with its own prompt (and LoRA), repeatable; corners as fractions (0-1) or pixels",
+    )
+    p.add_argument(
         "--from",
         dest="from_image",
         default=None,
@@ -49,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", default=None, help="TOML file (or name under presets/) with generate options")
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="set any option")
-    add_config_args(p, GenerateConfig, skip=("loras", "expect_model_hash"))
+    add_config_args(p, GenerateConfig, skip=("loras", "regions", "expect_model_hash"))
     return p
 
 
@@ -71,6 +80,9 @@ def config_from_cli(args: argparse.Namespace) -> GenerateConfig:
         cfg = build_config(GenerateConfig, values)
     if args.lora:
         cfg.loras = [LoraSpec.parse(text) for text in args.lora]
+    if args.region:
+        cfg.regions = [Region.parse(text) for text in args.region]
+    cfg.check()
     return cfg
 
 
