@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -74,17 +73,20 @@ def make_sources(family: str, folder: Path, ranks=(32, 16)) -> list[Path]:
     return paths
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory (VmRSS) or its peak (VmHWM). The peak is read here rather than from
+    getrusage, whose figure for a process forked from a larger one starts at that one's size."""
     with open("/proc/self/status") as f:
-        line = next(x for x in f if x.startswith("VmRSS"))
+        line = next(x for x in f if x.startswith(field))
     return int(line.split()[1]) / 1024
 
 
 def apply_variant(variant: str) -> dict:
     """The levers of the dense merges, one at a time against the default (see merging/ties_dare.py): an exact
-    k-th value instead of the sampled threshold (or a sample 4x larger), peft's stacked sign election and
+    k-th value instead of the sampled threshold (or a sample 4x or 16x larger), peft's stacked sign election and
     disjoint mean instead of the running sums, whole modules at once instead of blocks of rows, 2 power
-    iterations instead of 1, 10 extra columns in the SVD's sketch instead of 4, one worker thread (on every core) instead of one per core."""
+    iterations instead of 1, 10 extra columns in the SVD's sketch instead of 4, one worker thread (on every
+    core) instead of one per core, a randomized SVD of the merged matrix instead of the sources' span."""
     import merging.linear
     import merging.ties_dare as td
 
@@ -92,8 +94,10 @@ def apply_variant(variant: str) -> dict:
     for part in filter(None, variant.split("+")):
         if part == "exact-threshold":
             td.THRESHOLD_SAMPLE = 1 << 62
-        elif part == "sample20":
-            td.THRESHOLD_SAMPLE = 1 << 20
+        elif part.startswith("sample"):
+            td.THRESHOLD_SAMPLE = 1 << int(part[6:])
+        elif part == "randomized-svd":
+            td._sketch_matrix = lambda *args: None
         elif part == "unblocked":
             td.BLOCK = 1 << 62
         elif part == "peft-combine":
@@ -153,7 +157,7 @@ def child(method: str, sources: list[str], rank: int, out: str, variant: str = "
     lora = lora_from_factors(merged.factors, layouts(srcs), family)
     path, _ = write_merge(lora, out, family=family, method=method, sources=srcs, report=report)
     timings["write"] = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss_mb("VmHWM")
     return {
         **{k: round(v, 2) for k, v in timings.items()},
         "modules": len(merged.factors),
@@ -287,16 +291,26 @@ def _attention_paths(pipe) -> list[str]:
     ]
 
 
+# Runs a command and prints its peak RSS. A child forked from this (large) process starts with this process's
+# resident pages counted in its peak, which exec keeps; forked from this small wrapper, it does not.
+PEAK_WRAPPER = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+    "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
+)
+
+
 def _timed_merge(args: list[str], log: Path) -> dict:
     """Wall seconds and peak RSS of one `lora-studio merge` process."""
     start = time.perf_counter()
+    cmd = [sys.executable, "-c", PEAK_WRAPPER, sys.executable, "-m", "studio.app.cli", "merge", *args]
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "studio.app.cli", "merge", *args], cwd=log.parent,
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-        _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak, not the children's so far
-    if status != 0:
-        raise SystemExit(f"merge {' '.join(args)} failed:\n{log.read_text()[-3000:]}")
-    return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+        done = subprocess.run(cmd, cwd=log.parent, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    text = log.read_text()
+    if done.returncode != 0:
+        raise SystemExit(f"merge {' '.join(args)} failed:\n{text[-3000:]}")
+    peak = int(text.rsplit("PEAK ", 1)[1].split()[0])
+    return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak / 1024)}
 
 
 def real_table(rows: list[dict]) -> list[str]:
@@ -377,10 +391,24 @@ def write_results(name: str, results: dict, setup: dict) -> Path:
         for k, v in result["runs"].items():
             lines.append(f"{k}: " + ", ".join(f"({s}, {t:.1f}, {o:.5g})" for s, t, o in v["points"]))
         lines += ["```", ""]
-    lines += [f"<!-- data: {json.dumps(data)} -->", ""]
+    lines += [_previous_notes(path), f"<!-- data: {json.dumps(data)} -->", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
+
+
+NOTES = "## Notes (written by hand)"
+
+
+def _previous_notes(path: Path) -> str:
+    """The hand-written notes section of the previous file, kept as it was."""
+    text = path.read_text() if path.exists() else ""
+    if NOTES not in text:
+        return ""
+    notes = text[text.index(NOTES) :]
+    if "<!-- data: " in notes:
+        notes = notes[: notes.index("<!-- data: ")]
+    return notes.rstrip() + "\n"
 
 
 def _previous_data(path: Path) -> dict:
@@ -390,7 +418,7 @@ def _previous_data(path: Path) -> dict:
     start = text.rfind("<!-- data: ")
     if start < 0:
         return {}
-    return json.loads(text[start + len("<!-- data: ") : text.rindex(" -->")])
+    return json.loads(text[start + len("<!-- data: ") : text.index(" -->", start)])
 
 
 def main() -> None:
@@ -416,7 +444,8 @@ def main() -> None:
         "--variants",
         default="",
         help="dense-merge levers to compare, comma-separated "
-        "('' = the default; exact-threshold, sample20, unblocked, peft-combine, niter2, oversample10, workers1, joined with +)",
+        "('' = the default; exact-threshold, sampleN (2**N entries), unblocked, peft-combine, randomized-svd, "
+        "niterN, oversampleN, workersN, joined with +)",
     )
     parser.add_argument("--source-ranks", default="32,16", help="ranks of the two random source LoRAs")
     parser.add_argument("--child", help=argparse.SUPPRESS)

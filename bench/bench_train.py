@@ -42,7 +42,7 @@ SMALL = {
 
 LAUNCHER = textwrap.dedent(
     """
-    import json, os, resource, runpy, sys, time
+    import json, os, runpy, sys, time
     import torch
     import diffusers, transformers  # noqa: their optional-package checks run before any stand-in is visible
     if os.environ.get("BENCH_TV_SHIM"):
@@ -58,8 +58,9 @@ LAUNCHER = textwrap.dedent(
         runpy.run_path(argv[0], run_name="__main__")
         code = 0
     wall = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else \\
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not getrusage: a process forked from a larger one starts with that one's size in getrusage's peak
+    hwm = int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1]) * 1024
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else hwm
     print("BENCH " + json.dumps({"wall": wall, "peak": peak, "code": code}))
     """
 )
@@ -222,8 +223,8 @@ def make_images(folder: Path, n: int, size: int) -> Path:
     return folder
 
 
-def ours_argv(a, model: Path, data: Path, out: Path, steps: int, cache: bool) -> list[str]:
-    sets = [f"max_steps={steps}", f"resolution={a.resolution}", f"batch_size={a.batch}", f"rank={a.rank}",
+def ours_argv(a, model: Path, data: Path, out: Path, steps: int, cache: bool, gc: bool = False) -> list[str]:
+    sets = [f"gradient_checkpointing={str(gc).lower()}", f"max_steps={steps}", f"resolution={a.resolution}", f"batch_size={a.batch}", f"rank={a.rank}",
             f"alpha={a.rank}", f"learning_rate={a.lr}", f"mixed_precision={a.precision}", "enable_buckets=false",
             "use_captions=false", f"cache_latents={str(cache).lower()}", "checkpoint_every=0",
             "lr_scheduler=constant", "seed=0", "progress_bar=false", "max_grad_norm=1.0",
@@ -236,8 +237,10 @@ def ours_argv(a, model: Path, data: Path, out: Path, steps: int, cache: bool) ->
     return argv
 
 
-def reference_argv(a, script: Path, model: Path, data: Path, out: Path, steps: int) -> list[str]:
-    return [str(script), f"--pretrained_model_name_or_path={model}", f"--instance_data_dir={data}",
+def reference_argv(
+    a, script: Path, model: Path, data: Path, out: Path, steps: int, gc: bool = False
+) -> list[str]:
+    return [str(script), *(["--gradient_checkpointing"] if gc else []), f"--pretrained_model_name_or_path={model}", f"--instance_data_dir={data}",
             "--instance_prompt=a photo of sks dog", f"--output_dir={out}", f"--resolution={a.resolution}",
             f"--train_batch_size={a.batch}", f"--max_train_steps={steps}", f"--learning_rate={a.lr}",
             f"--rank={a.rank}", f"--mixed_precision={a.precision}", "--lr_scheduler=constant",
@@ -268,7 +271,8 @@ def measure(kind: str, make_argv, env: dict, a) -> dict:
         return {"error": short.get("error") or long.get("error")}
     seconds = long["wall"] - short["wall"]
     return {"images_per_s": (a.steps - a.steps_short) * a.batch / seconds, "step_s": seconds / (a.steps - a.steps_short),
-            "peak_mb": long["peak"] / 2**20, "wall_s": long["wall"]}  # fmt: skip
+            "peak_mb": long["peak"] / 2**20, "wall_s": long["wall"],
+            "startup_s": short["wall"] - a.steps_short * seconds / (a.steps - a.steps_short)}  # fmt: skip
 
 
 def reference_env(tmp: Path, extra_path: str | None) -> tuple[dict, str]:
@@ -318,6 +322,10 @@ def main() -> None:
     p.add_argument("--steps-short", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: no contention on shared cores)")
     p.add_argument("--name", default="train_cpu")
+    p.add_argument(
+        "--checkpointing", action="store_true", help="also measure both with gradient checkpointing"
+    )
+    p.add_argument("--only", default="", help="comma list of trainer names to run (default: all)")
     a = p.parse_args()
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -333,12 +341,20 @@ def main() -> None:
                 "lora-studio (default: cached latents)": ("ours", lambda n, f=family, m=model: ours_argv(
                     a, m, data, tmp / f"ourc_{f}_{n}", n, cache=True)),
             }  # fmt: skip
+            if a.checkpointing:
+                runs["lora-studio (cached latents + gradient checkpointing)"] = ("ours", lambda n, f=family, m=model:
+                    ours_argv(a, m, data, tmp / f"ourg_{f}_{n}", n, cache=True, gc=True))  # fmt: skip
             script = a.reference if family == "sd15" else a.reference_sdxl
             if script:
                 runs["diffusers example"] = ("ref", lambda n, f=family, m=model, s=script: reference_argv(
                     a, s, m, data, tmp / f"ref_{f}_{n}", n))  # fmt: skip
+                if a.checkpointing:
+                    runs["diffusers example (gradient checkpointing)"] = ("ref", lambda n, f=family, m=model,
+                        s=script: reference_argv(a, s, m, data, tmp / f"refg_{f}_{n}", n, gc=True))  # fmt: skip
             else:
                 notes.append(f"{family}: no reference script given; lora-studio measured alone")
+            if a.only:
+                runs = {k: v for k, v in runs.items() if k in a.only.split(",")}
             results = {name: measure(kind, make, ref_env if kind == "ref" else ours_env, a)
                        for name, (kind, make) in runs.items()}  # fmt: skip
             ref = results.get("diffusers example", {})
@@ -348,15 +364,17 @@ def main() -> None:
 
 
 def write_results(a, rows, notes, tv_note) -> None:
-    header = "| family | trainer | images/s | s/step | peak memory (MB) | speed vs diffusers | memory vs diffusers |"
-    lines = [header, "|---|---|---|---|---|---|---|"]
+    header = ("| family | trainer | images/s | s/step | start-up and save s | peak memory (MB) | speed vs diffusers "
+              "| memory vs diffusers |")  # fmt: skip
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for family, name, r, ref in rows:
         if "error" in r:
-            lines.append(f"| {family} | {name} | failed: {r['error'][:300]} | | | | |")
+            lines.append(f"| {family} | {name} | failed: {r['error'][:300]} | | | | | |")
             continue
         speed = f"{r['images_per_s'] / ref['images_per_s']:.2f}x" if "images_per_s" in ref else "-"
         mem = f"{r['peak_mb'] / ref['peak_mb']:.2f}x" if "peak_mb" in ref else "-"
-        lines.append(f"| {family} | {name} | {r['images_per_s']:.3f} | {r['step_s']:.3f} | {r['peak_mb']:.0f} "
+        lines.append(f"| {family} | {name} | {r['images_per_s']:.3f} | {r['step_s']:.3f} | {r['startup_s']:.1f} "
+                     f"| {r['peak_mb']:.0f} "
                      f"| {speed} | {mem} |")  # fmt: skip
     table = "\n".join(lines)
     print(table)

@@ -93,13 +93,18 @@ def truncate_dense(
     u, s, vh = u[:, :k], s[:k], vh[:k]
     root = s.sqrt()
     factors = Factors(u * root, root[:, None] * vh)
-    total = float(delta.norm()) ** 2
+    return factors, truncation_error(delta, factors, s, float(delta.norm()) ** 2)
+
+
+def truncation_error(delta: torch.Tensor, factors: Factors, kept: torch.Tensor, total: float) -> float:
+    """Relative error of factors made from the singular values `kept` of `delta` (total = ||delta||^2):
+    from the singular values, or measured on the matrix when it is too small for float precision."""
     if total == 0:
-        return factors, 0.0
-    left = total - float(s.double().square().sum())
+        return 0.0
+    left = total - float(kept.double().square().sum())
     if left > 1e-4 * total:  # an error above 1 %: float32 sums give it to well under 1 % of itself
-        return factors, (left / total) ** 0.5
-    return factors, float((delta - factors.delta()).norm()) / total**0.5
+        return (left / total) ** 0.5
+    return float((delta - factors.delta()).norm()) / total**0.5
 
 
 def _randomized_svd(a: torch.Tensor, q: int, niter: int, seed: int):

@@ -19,12 +19,26 @@ BLANK_ROWS = [[0, 0, 0.5, 1, "", "", 1.0], [0.5, 0, 1, 1, "", "", 1.0]]
 COLOURS = ["#e4572e", "#29335c", "#f3a712", "#669bbc", "#a8c686", "#8d6a9f"]
 
 
-def _filled(rows: Any) -> list[list]:
+def _rows(rows: Any) -> list[list]:
     if rows is None:
         return []
     if hasattr(rows, "values") and hasattr(rows, "columns"):  # a pandas DataFrame
         rows = rows.values.tolist()
-    return [list(r) for r in rows if len(r) >= 5 and str(r[4] or "").strip()]
+    return [list(r) for r in rows]
+
+
+def _filled(rows: Any) -> list[list]:
+    return [r for r in _rows(rows) if len(r) >= 5 and str(r[4] or "").strip()]
+
+
+def _outline(draw: ImageDraw.ImageDraw, row: list, size: int) -> None:
+    try:
+        x0, y0, x1, y1 = (float(v) for v in row[:4])
+    except (TypeError, ValueError):
+        return
+    scale = size if max(x0, y0, x1, y1) <= 1 else 1
+    if x1 > x0 and y1 > y0:
+        draw.rectangle([x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1], outline="#b0b0b0", width=1)
 
 
 def regions_from_rows(ws, rows: Any) -> list:
@@ -62,7 +76,11 @@ def preview(rows: Any, size: int = 256) -> Image.Image:
     `size`-pixel image)."""
     canvas = Image.new("RGB", (size, size), "#f4f4f4")
     draw = ImageDraw.Draw(canvas, "RGBA")
-    for n, row in enumerate(_filled(rows)):
+    filled = _filled(rows)
+    for row in _rows(rows):  # rows still without a prompt: a thin grey outline
+        if row not in filled and len(row) >= 4:
+            _outline(draw, row, size)
+    for n, row in enumerate(filled):
         try:
             x0, y0, x1, y1 = (float(v) for v in row[:4])
         except (TypeError, ValueError):

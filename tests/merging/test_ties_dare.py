@@ -97,8 +97,8 @@ def test_real_files_give_the_asked_rank(method, tiny_sdxl, tmp_path):
 
 def test_sampled_threshold_keeps_the_asked_share_of_a_large_delta():
     """Above THRESHOLD_SAMPLE entries the magnitude threshold comes from a sample of entries computed from
-    the factors: the kept share stays within 0.3 % of the asked density, and the result is peft's except
-    at entries right at the threshold."""
+    the factors: the kept share stays within four standard deviations of a sample quantile of the asked
+    density, and the result is peft's except at entries right at the threshold."""
     from peft.utils import merge_utils
 
     from merging.sources import Factors
@@ -111,9 +111,10 @@ def test_sampled_threshold_keeps_the_asked_share_of_a_large_delta():
     big = factors.delta()
     threshold = _threshold(factors, 0.3, torch.Generator().manual_seed(1))
     ours = _trim(big.clone(), threshold, torch.empty_like(big))
-    assert abs((ours != 0).float().mean().item() - 0.3) < 3e-3
+    spread = 4 * (0.3 * 0.7 / THRESHOLD_SAMPLE) ** 0.5  # 0.7 % of the entries at 2**16
+    assert abs((ours != 0).float().mean().item() - 0.3) < spread
     theirs = merge_utils.magnitude_based_pruning(big, 0.3)
-    assert (ours != theirs).float().mean().item() < 6e-3
+    assert (ours != theirs).float().mean().item() < 2 * spread
 
 
 def test_blocks_and_workers_do_not_change_the_result(monkeypatch):
@@ -139,3 +140,28 @@ def test_blocks_and_workers_do_not_change_the_result(monkeypatch):
         for path in whole:
             torch.testing.assert_close(blocks[path].delta(), whole[path].delta(), atol=1e-5, rtol=1e-4)
             assert info_blocks[path]["pruning"] == pytest.approx(info[path]["pruning"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_the_sources_span_gives_true_errors_and_a_near_optimal_rank(method):
+    """With the sources' own up factors as the SVD's range basis (one product with the merged matrix), the
+    reported errors are the measured ones, and the rank-16 result's error is within 10 % of the least
+    possible (the SVD of the merged matrix; 5-7 % above it on SDXL-shaped pairs)."""
+    import merging.ties_dare as td
+    from merging.sources import Factors
+
+    g = torch.Generator().manual_seed(7)
+    parts = [Factors(torch.randn(320, r, generator=g), torch.randn(r, 256, generator=g)) for r in (8, 4)]
+    weights = [0.8, 0.6]
+    generator = torch.Generator().manual_seed(0)
+    omega = td._sketch_matrix(parts, 16, generator)
+    assert omega is not None
+    merged, _, sketch, total = td._merge_module(parts, weights, method, 0.5, "total", generator, omega)
+    merged = merged.clone()
+    factors, svd_error, pruning = td._truncate_in_span(merged, parts, weights, sketch, total, 16)
+    exact = sum(w * f.delta() for f, w in zip(parts, weights))
+    assert pruning == pytest.approx(float((merged - exact).norm() / exact.norm()), rel=1e-4)
+    assert svd_error == pytest.approx(float((merged - factors.delta()).norm() / merged.norm()), rel=1e-3)
+    values = torch.linalg.svdvals(merged.double())
+    best = float(values[16:].square().sum().sqrt() / values.square().sum().sqrt())
+    assert best * (1 - 1e-6) <= svd_error <= 1.1 * best

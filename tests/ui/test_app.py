@@ -82,6 +82,26 @@ def test_history_reuse_and_compare(client, studio_app):
         client.predict(prompt="x", columns="0, 1", seeds="1", api_name="/compare")
 
 
+def test_regions_are_drawn_recorded_and_reused(client, studio_app):
+    """A region typed in the table reaches the generation, its PNG records it, and reuse puts it back."""
+    from studio.generation.records import read_record
+
+    services, _ = studio_app
+    rows = {"headers": ["x0", "y0", "x1", "y1", "prompt", "LoRA", "weight"],
+            "data": [[0, 0, 0.5, 1, "a red circle", "", 1.0], [0.5, 0, 1, 1, "", "", 1.0]]}  # fmt: skip
+    _, info = client.predict(prompt="a green square on a white background", steps=2, seed=5, regions=rows,
+                             region_base=0.3, api_name="/generate")  # fmt: skip
+    made = info.rsplit(": ", 1)[1].strip()
+    record = read_record(services.workspace.outputs / made)
+    assert [r["prompt"] for r in record["regions"]] == ["a red circle"] and record["region_base"] == 0.3
+    fields = dict(zip(("prompt", "negative_prompt", "model", "loras", "weights", "mode", "steps", "cfg", "seed",
+                       "size", "regions", "region_base"), client.predict(name=made, api_name="/reuse")))  # fmt: skip
+    assert [row[:5] for row in fields["regions"]["data"]] == [[0, 0, 0.5, 1, "a red circle"]]
+    with pytest.raises(Exception, match="region row 1"):
+        bad = {**rows, "data": [["left", 0, 0.5, 1, "a red circle", "", 1.0]]}
+        client.predict(prompt="x", steps=2, regions=bad, api_name="/generate")
+
+
 def test_dataset_keeps_good_images_pairs_captions_and_names_the_bad_one(client, studio_app, tmp_path):
     services, _ = studio_app
     good, other = tmp_path / "good.png", tmp_path / "other.png"
