@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from merging.sources import Factors, MergeSource, require_nonempty, union_paths
+from merging.sources import Factors, MergeSource, balanced_factors, require_nonempty, union_paths
 
 
 def concat_merge(sources: list[MergeSource]) -> dict[str, Factors]:
@@ -55,10 +55,8 @@ def truncate_factors(f: Factors, rank: int) -> tuple[Factors, float]:
     k = min(rank, int(s.numel()))
     total = float(s.square().sum())
     error = (float(s[k:].square().sum()) / total) ** 0.5 if total > 0 else 0.0
-    root = s[:k].sqrt()
-    new_up = (qb @ u[:, :k]) * root
-    new_down = root[:, None] * (vh[:k] @ qa.T)
-    return Factors(new_up.to(f.up.dtype), new_down.to(f.down.dtype)), error
+    new = balanced_factors(qb @ u[:, :k], s[:k], vh[:k] @ qa.T)
+    return Factors(new.up.to(f.up.dtype), new.down.to(f.down.dtype)), error
 
 
 # The randomized SVD's power iterations and extra columns: on TIES / DARE results at SDXL shapes, 2 or 4
@@ -90,10 +88,8 @@ def truncate_dense(
         u, s, vh = _randomized_svd(delta, min(k + OVERSAMPLE, small), niter, seed)
     else:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    u, s, vh = u[:, :k], s[:k], vh[:k]
-    root = s.sqrt()
-    factors = Factors(u * root, root[:, None] * vh)
-    return factors, truncation_error(delta, factors, s, float(delta.norm()) ** 2)
+    factors = balanced_factors(u[:, :k], s[:k], vh[:k])
+    return factors, truncation_error(delta, factors, s[:k], float(delta.norm()) ** 2)
 
 
 def truncation_error(delta: torch.Tensor, factors: Factors, kept: torch.Tensor, total: float) -> float:

@@ -65,8 +65,14 @@ def module_factors(m: AnyModule, base: torch.Tensor | None = None) -> Factors:
     delta = m.delta(base).to(torch.float64).flatten(1)
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     keep = max(1, int((s > s[0] * 1e-7).sum())) if s.numel() and s[0] > 0 else 1
-    root = s[:keep].sqrt()
-    return Factors((u[:, :keep] * root).float(), (root[:, None] * vh[:keep]).float())
+    f = balanced_factors(u[:, :keep], s[:keep], vh[:keep])
+    return Factors(f.up.float(), f.down.float())
+
+
+def balanced_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> Factors:
+    """Factors of u diag(s) vh with the singular values split evenly: up = u sqrt(s), down = sqrt(s) vh."""
+    root = s.sqrt()
+    return Factors(u * root, root[:, None] * vh)
 
 
 @dataclass

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from merging.linear import OVERSAMPLE, truncate_dense, truncation_error
-from merging.sources import Factors, MergeSource, require_nonempty, union_paths
+from merging.sources import Factors, MergeSource, balanced_factors, require_nonempty, union_paths
 
 # Above this many entries the magnitude threshold is the quantile of a uniform random sample of this size: an
 # exact k-th value over an SDXL feed-forward delta (13 M entries) costs seconds; the sample's threshold keeps
@@ -273,8 +273,7 @@ def _truncate_in_span(
     core = basis.T @ merged
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
     k = min(rank, int(s.numel()))
-    root = s[:k].sqrt()
-    factors = Factors((basis @ u[:, :k]) * root, root[:, None] * vh[:k])
+    factors = balanced_factors(basis @ u[:, :k], s[:k], vh[:k])
     svd_error = truncation_error(merged, factors, s[:k], total)
     exact = float(((up.T @ up).double() * (down @ down.T).double()).sum())
     inner = float(((basis.T @ up) @ down).double().mul_(core.double()).sum())

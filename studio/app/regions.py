@@ -31,14 +31,18 @@ def _filled(rows: Any) -> list[list]:
     return [r for r in _rows(rows) if len(r) >= 5 and str(r[4] or "").strip()]
 
 
-def _outline(draw: ImageDraw.ImageDraw, row: list, size: int) -> None:
+def _pixel_box(row: list, size: int) -> list[float] | None:
+    """A row's box on a `size`-pixel canvas (corners in 0-1, or pixels), or None when they are not numbers."""
     try:
         x0, y0, x1, y1 = (float(v) for v in row[:4])
     except (TypeError, ValueError):
-        return
+        return None
     scale = size if max(x0, y0, x1, y1) <= 1 else 1
-    if x1 > x0 and y1 > y0:
-        draw.rectangle([x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1], outline="#b0b0b0", width=1)
+    return [x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1]
+
+
+def _drawable(box: list[float] | None) -> bool:
+    return box is not None and box[2] > box[0] and box[3] > box[1]
 
 
 def regions_from_rows(ws, rows: Any) -> list:
@@ -78,17 +82,15 @@ def preview(rows: Any, size: int = 256) -> Image.Image:
     draw = ImageDraw.Draw(canvas, "RGBA")
     filled = _filled(rows)
     for row in _rows(rows):  # rows still without a prompt: a thin grey outline
-        if row not in filled and len(row) >= 4:
-            _outline(draw, row, size)
+        box = _pixel_box(row, size) if row not in filled and len(row) >= 4 else None
+        if _drawable(box):
+            draw.rectangle(box, outline="#b0b0b0", width=1)
     for n, row in enumerate(filled):
-        try:
-            x0, y0, x1, y1 = (float(v) for v in row[:4])
-        except (TypeError, ValueError):
+        box = _pixel_box(row, size)
+        if box is None:
             continue
-        scale = size if max(x0, y0, x1, y1) <= 1 else 1
-        box = [x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1]
         colour = COLOURS[n % len(COLOURS)]
-        if box[2] > box[0] and box[3] > box[1]:
+        if _drawable(box):
             draw.rectangle(box, outline=colour, width=3, fill=colour + "33")
         label = f"{n + 1}. {str(row[4])[:28]}" + (
             " + LoRA" if len(row) > 5 and str(row[5] or "").strip() else ""
