@@ -212,14 +212,9 @@ NOTES = """How to read these figures:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from records import cpu_name  # bench/ is on the path when run as a script
+
+    cpu = cpu_name()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (
         f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "

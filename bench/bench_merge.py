@@ -32,7 +32,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from ziplora_reference import part_ziplora, zip_table  # bench/ is on the path when run as a script
+from records import cpu_name, previous_notes  # bench/ is on the path when run as a script
+from ziplora_reference import part_ziplora, zip_table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -327,7 +328,7 @@ def real_table(rows: list[dict]) -> list[str]:
 
 
 def machine() -> str:
-    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
+    cpu = cpu_name()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
         f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
@@ -391,24 +392,10 @@ def write_results(name: str, results: dict, setup: dict) -> Path:
         for k, v in result["runs"].items():
             lines.append(f"{k}: " + ", ".join(f"({s}, {t:.1f}, {o:.5g})" for s, t, o in v["points"]))
         lines += ["```", ""]
-    lines += [_previous_notes(path), f"<!-- data: {json.dumps(data)} -->", ""]
+    lines += [previous_notes(path, "<!-- data: "), f"<!-- data: {json.dumps(data)} -->", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
-
-
-NOTES = "## Notes (written by hand)"
-
-
-def _previous_notes(path: Path) -> str:
-    """The hand-written notes section of the previous file, kept as it was."""
-    text = path.read_text() if path.exists() else ""
-    if NOTES not in text:
-        return ""
-    notes = text[text.index(NOTES) :]
-    if "<!-- data: " in notes:
-        notes = notes[: notes.index("<!-- data: ")]
-    return notes.rstrip() + "\n"
 
 
 def _previous_data(path: Path) -> dict:

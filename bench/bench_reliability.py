@@ -78,7 +78,7 @@ PATH_PROBES = [
     "runs/../../../x",
     "link/x",
 ]
-TOML_FIELDS = ["output_dir", "data_dir", "class_data_dir", "model", "resume"]
+TOML_FIELDS = ["output_dir", "data_dir", "class_data_dir", "reg_data_dir", "model", "resume"]
 
 
 def probes(folder: Path) -> collections.Counter:

@@ -294,14 +294,9 @@ def reference_env(tmp: Path, extra_path: str | None) -> tuple[dict, str]:
 
 def machine() -> str:
     import torch
+    from records import cpu_name  # bench/ is on the path when run as a script
 
-    cpu = platform.processor() or "?"
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return f"CPU {cpu}, {os.cpu_count()} cores, GPU {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
 

@@ -68,7 +68,14 @@ class TrainConfig:
     num_class_images: int = option(
         100, "how many class images to have (generated when the folder has fewer)", min=0, max=100_000
     )
-    prior_loss_weight: float = option(1.0, "weight of the class-image loss", min=0.0)
+    prior_loss_weight: float = option(
+        1.0, "weight of the class-image (DreamBooth) or regularisation-image (style) loss", min=0.0
+    )
+    reg_data_dir: str = option(
+        "",
+        "style: folder of regularisation images with captions (name.txt), trained alongside the style "
+        "images so prompts keep their content; weighted by prior_loss_weight",
+    )
     class_generation_steps: int = option(30, "denoising steps when generating class images", min=1, max=1000)
     # --- network ---------------------------------------------------------------------------------
     network_type: Literal["lora", "locon", "loha", "lokr", "dora"] = option(
@@ -185,6 +192,11 @@ class TrainConfig:
         for name in ("caption_dropout_rate", "lora_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"option {name} must be in [0, 1), got {getattr(self, name)}")
+        if self.reg_data_dir and self.method != "style":
+            raise ConfigError(
+                "reg_data_dir is for method style; DreamBooth keeps its class with prior_preservation and "
+                "class_data_dir"
+            )
         if self.learning_rate <= 0:
             raise ConfigError(f"option learning_rate must be > 0, got {self.learning_rate}")
         if self.lr_warmup_steps > self.max_steps:

@@ -91,9 +91,10 @@ def scan_dataset(
         if caption is None:
             missing.append(path)
             if not prompt:
+                fix = "set prompt (used for images without captions)" if what == "data_dir" else "remove it"
                 raise ConfigError(
-                    f"{path} has no caption file ({path.with_suffix(caption_extension).name}) and no prompt is "
-                    "set. Add caption files or set prompt (used for images without captions)."
+                    f"{what}: {path} has no caption file ({path.with_suffix(caption_extension).name}) and no "
+                    f"prompt is set. Add caption files or {fix}."
                 )
             caption = prompt
         examples.append(Example(path, caption, size, from_file))

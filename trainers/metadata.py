@@ -28,8 +28,8 @@ def training_metadata(
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """ss_* fields (kohya's names and formats) and studio_* fields for a LoRA trained with `cfg`."""
-    instances = [p for p in parts if p.name != "class"]
-    classes = [p for p in parts if p.name == "class"]
+    instances = [p for p in parts if p.name == "instance"]
+    classes = [p for p in parts if p.name != "instance"]  # kohya's "reg images": class or regularisation
     datasets = [p.dataset for p in parts]
     batches_per_epoch = sum(-(-len(d) * d.repeats // cfg.batch_size) for d in (p.dataset for p in instances))
     meta = {

@@ -21,8 +21,10 @@ def make_optimizer(cfg: TrainConfig, param_groups: list[dict]) -> torch.optim.Op
     """AdamW, 8-bit AdamW (bitsandbytes) or Prodigy (prodigyopt), with clear errors for missing extras."""
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer == "adamw":
+        # foreach: torch picks its per-tensor loop for CPU tensors; the multi-tensor kernels halve the step
+        # there (11 -> 5.5 ms for the 162 factors of a demo-model LoRA, one thread); CUDA uses them anyway.
         return torch.optim.AdamW(
-            param_groups, betas=betas, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon
+            param_groups, betas=betas, weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon, foreach=True
         )
     if cfg.optimizer == "adamw8bit":
         if importlib.util.find_spec("bitsandbytes") is None:

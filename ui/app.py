@@ -42,7 +42,7 @@ def follow_workspace(
     job changes (a LoRA a job just wrote appears in Generate and Merge). No list ever picks a file by
     itself: choices change, chosen values stay as the user left them."""
     lora_lists = [gen["loras"], gen["b_content"], gen["b_style"], merged["sources"]]
-    dataset_lists = [data["datasets"], trained["datasets"]]
+    dataset_lists = [data["datasets"], trained["datasets"], trained["reg_datasets"]]
     seen = gr.State(None)
 
     def lists(version=None):

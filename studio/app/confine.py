@@ -23,7 +23,7 @@ from studio.core.lora_ref import parse_lora_ref
 # "regions" (Regions, each with an optional LoraSpec)
 PATH_FIELDS: dict[str, dict[str, str]] = {
     "TrainConfig": {"model": "model", "data_dir": "path", "output_dir": "path", "class_data_dir": "path",
-                    "resume": "resume", "logging_dir": "path"},
+                    "reg_data_dir": "path", "resume": "resume", "logging_dir": "path"},
     "MergeConfig": {"model": "model", "sources": "refs", "out": "path", "into_base": "path",
                     "references": "folders"},
     "GenerateConfig": {"model": "model", "loras": "stack", "b_lora_content": "lora_text",

@@ -138,6 +138,7 @@ def _free_name(folder: Path, stem: str) -> Path:
 DEMO_SETS = {
     f"subject: a {SUBJECT['colour']} {SUBJECT['shape']} ({SUBJECT['token']})": "subject",
     f"style: {STYLE}": "style",
+    "world scenes (regularisation)": "scenes",
 }
 
 
@@ -150,6 +151,8 @@ def write_demo_set(folder: Path, which: str, count: int) -> int:
         samples = WORLD.dreambooth_set(n=count, shape=SUBJECT["shape"], colour=SUBJECT["colour"])
     elif kind == "style":
         samples = WORLD.style_set(STYLE, n=count)
+    elif kind == "scenes":
+        samples = WORLD.scene_set(n=count)
     else:
         raise ConfigError(f"unknown demo set {which!r}; choose one of {', '.join(DEMO_SETS)}")
     folder.mkdir(parents=True, exist_ok=True)

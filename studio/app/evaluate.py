@@ -11,7 +11,7 @@ images for prompts drawn from held-out seeds, and lets the judges say what the i
 - merge: subject LoRA + style LoRA merged by exact sum (concat), SVD, ZipLoRA and fast ZipLoRA; both the
   subject and the style must be in the same image;
 - orthogonal: two subjects trained with orthogonal adaptation, each alone and after summing, against two
-  ordinary LoRAs summed the same way;
+  ordinary LoRAs summed the same way (the exact sum), gradient-fused (Mix-of-Show) and ZipLoRA-merged;
 - composition: the subject and style LoRAs generated together in merge, switch and composite modes;
 - b_lora: content-only, style-only and mixed B-LoRA transfers (needs the SDXL demo model).
 
@@ -23,17 +23,15 @@ The table, a JSON file and a PNG grid of example images are written to --out.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from studio.core.model_paths import demo_model_path
-from studio.demo.adherence import chance_levels, image_grid
+from studio.demo.adherence import chance_levels
 from studio.demo.classifiers import Judges, load_judges
 from studio.demo.concepts import STYLE, SUBJECT, SUBJECT_2
 from studio.demo.world import BACKGROUNDS, WORLD, Sample
@@ -54,6 +52,10 @@ class EvalPlan:
     train_images: int = 8  # DreamBooth instance images
     style_images: int = 32  # style LoRAs need more images than a subject to carry the style to new prompts
     style_steps: int = 600
+    style_caption_dropout: float = 0.1  # the style presets' value (bench/results/style_drift.md)
+    ortho_steps: int = (
+        600  # only the up-projections train: twice the steps (bench/results/orthogonal_probe.md)
+    )
     batch_size: int = 4
     class_images: int = 16
     steps: int = 20  # denoising steps per image
@@ -240,7 +242,10 @@ class Evaluator:
 
     def style_lora(self) -> Path:
         data = self.write_set(f"style_{STYLE}", WORLD.style_set(STYLE, n=self.plan.style_images))
-        return self.train(f"style_{STYLE}", "style", data, max_steps=self.plan.style_steps)
+        return self.train(
+            f"style_{STYLE}", "style", data, max_steps=self.plan.style_steps,
+            caption_dropout_rate=self.plan.style_caption_dropout,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- measurements
     def subject_row(
@@ -324,25 +329,33 @@ class Evaluator:
         return rows
 
     def rows_orthogonal(self) -> list[Row]:
+        """Two subjects, each alone and after merging: orthogonal LoRAs summed, ordinary LoRAs summed (the
+        exact sum), and the same ordinary LoRAs merged by gradient fusion and by ZipLoRA."""
+        subjects = (SUBJECT, SUBJECT_2)
         rows: list[Row] = []
+        files: dict[str, list[Path]] = {}
+        ortho = {"ortho_num_concepts": 2, "max_steps": self.plan.ortho_steps}
         for kind, method in (("orthogonal", "orthogonal"), ("ordinary", "dreambooth")):
-            files = []
-            for index, subject in enumerate((SUBJECT, SUBJECT_2)):
-                extra = {"ortho_slice": index, "ortho_num_concepts": 2} if method == "orthogonal" else {}
-                files.append(self.subject_lora(subject, method=method, **extra))
+            extra = [{"ortho_slice": i} | ortho if kind == "orthogonal" else {} for i in range(len(subjects))]
+            files[kind] = [self.subject_lora(s, method=method, **e) for s, e in zip(subjects, extra)]
             merged = self.merge(f"{kind}_sum", "orthogonal" if kind == "orthogonal" else "concat",
-                                [f"{f}:1.0" for f in files])  # fmt: skip
-            for subject, alone in zip((SUBJECT, SUBJECT_2), files):
-                rows.append(
-                    self.subject_row(
-                        "orthogonal", f"{kind}: {subject['shape']} alone", [(alone, 1.0)], subject
-                    )
-                )
-                rows.append(
-                    self.subject_row(
-                        "orthogonal", f"{kind}: {subject['shape']} after sum", [(merged, 1.0)], subject
-                    )
-                )
+                                [f"{f}:1.0" for f in files[kind]])  # fmt: skip
+            for subject, alone in zip(subjects, files[kind]):
+                rows.append(self.subject_row("orthogonal", f"{kind}: {subject['shape']} alone", [(alone, 1.0)],
+                                             subject))  # fmt: skip
+                rows.append(self.subject_row("orthogonal", f"{kind}: {subject['shape']} after sum",
+                                             [(merged, 1.0)], subject))  # fmt: skip
+        sources = [f"{f}:1.0" for f in files["ordinary"]]
+        prompts = [f"a {s['token']} shape" for s in subjects]
+        for kind, method, options in (
+            ("fusion", "fusion", {}),
+            ("ZipLoRA", "ziplora", {"steps": self.plan.ziplora_steps}),
+        ):
+            merged = self.merge(f"subjects_{method}", method, sources, model=self.model, prompts=prompts,
+                                device="cpu", **options)  # fmt: skip
+            for subject in subjects:
+                rows.append(self.subject_row("orthogonal", f"{kind}: {subject['shape']} after merge",
+                                             [(merged, 1.0)], subject))  # fmt: skip
         return rows
 
     def rows_composition(self) -> list[Row]:
@@ -402,76 +415,3 @@ class Evaluator:
             rows.extend(getattr(self, f"rows_{name}")())
             self.log(f"{name}: {time.time() - started:.0f} s")
         return rows
-
-
-# ------------------------------------------------------------------------------------------------ report
-METRIC_ORDER = ("subject", "style", "both", "shape", "colour", "background", "all")
-
-
-def table(rows: Sequence[Row]) -> str:
-    """Markdown table: one line per row, one column per metric (blank where not measured)."""
-    lines = [
-        "| section | case | " + " | ".join(METRIC_ORDER) + " | note |",
-        "|---|---|" + "---|" * (len(METRIC_ORDER) + 1),
-    ]
-    for r in rows:
-        cells = [f"{r.metrics[m]:.2f}" if m in r.metrics else "" for m in METRIC_ORDER]
-        lines.append(f"| {r.section} | {r.case} | " + " | ".join(cells) + f" | {r.note} |")
-    return "\n".join(lines)
-
-
-def write_report(plan: EvalPlan, rows: Sequence[Row], seconds: float, command: str) -> dict:
-    """eval.md, eval.json and eval_grid.png (up to 8 images per row) in plan.out."""
-    plan.out.mkdir(parents=True, exist_ok=True)
-    data = {
-        "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
-        "command": command,
-        "seconds": round(seconds),
-        "torch": torch.__version__,
-        "rows": [{"section": r.section, "case": r.case, "metrics": r.metrics, "note": r.note} for r in rows],
-    }
-    (plan.out / "eval.json").write_text(json.dumps(data, indent=2) + "\n")
-    text = (
-        f"# Demo-world evaluation ({plan.family})\n\n"
-        f"Command: `{command}`  \nSeeds: prompts and noise from seed {plan.seed} on; LoRAs trained with seed 0.  \n"
-        f"{plan.images} images per line, {plan.steps} denoising steps, CFG {plan.guidance}; LoRAs rank "
-        f"{plan.lora_rank}, {plan.lora_steps} steps, batch {plan.batch_size}, lr {plan.lora_lr}, "
-        f"{plan.train_images} training images (style: {plan.style_images} images, {plan.style_steps} steps). Took {seconds / 60:.1f} min.\n\n"
-        "Numbers are shares of generated images the judges read as asked: subject = the held-out shape "
-        f"({SUBJECT['shape']} for {SUBJECT['token']}, {SUBJECT_2['shape']} for {SUBJECT_2['token']}), style = "
-        f"{STYLE}, both = subject and style in the same image, shape/colour/background = as the prompt says.\n\n"
-        + table(rows)
-        + "\n"
-    )
-    (plan.out / "eval.md").write_text(text)
-    shown = [
-        im
-        for r in rows
-        for im in (r.images[:8] + [Image.new("RGB", (64, 64), (128, 128, 128))] * (8 - len(r.images[:8])))
-        if r.images
-    ]
-    if shown:
-        image_grid(shown, columns=8).save(plan.out / "eval_grid.png")
-    return data
-
-
-def evaluate(plan: EvalPlan, command: str = "lora-studio eval", log: Callable[[str], None] = print) -> dict:
-    """Run every row of `plan` and write the report; returns the JSON data."""
-    torch.manual_seed(0)
-    started = time.time()
-    rows = Evaluator(plan, log).run()
-    return write_report(plan, rows, time.time() - started, command)
-
-
-def check_against(recorded: dict, measured: dict, margin: float) -> list[str]:
-    """Lines where a measured number fell more than `margin` below the recorded one."""
-    old = {(r["section"], r["case"]): r["metrics"] for r in recorded["rows"]}
-    failures = []
-    for row in measured["rows"]:
-        for metric, value in row["metrics"].items():
-            before = old.get((row["section"], row["case"]), {}).get(metric)
-            if before is not None and value < before - margin:
-                failures.append(
-                    f"{row['section']} / {row['case']} / {metric}: {value:.2f} < recorded {before:.2f} - {margin}"
-                )
-    return failures

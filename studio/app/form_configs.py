@@ -111,10 +111,25 @@ def train_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = Fal
             "class_prompt": values["class_prompt"],
             "class_data_dir": str(ws.runs / name / "class_images"),
         }
+    if values.get("reg_dataset"):
+        options["reg_data_dir"] = regularisation_folder(ws, values)
     if values["method"] == "b_lora":  # also write the content and style halves, for B-LoRA mixing
         options["split"] = True
     options |= more_options(values.get("more", ""))
     return confine(ws, build_config(TrainConfig, options), allow_pickle=allow_pickle)
+
+
+def regularisation_folder(ws: Workspace, values: dict[str, Any]) -> str:
+    """The Train tab's regularisation dataset (style only) as a workspace folder."""
+    if values["method"] != "style":
+        raise ConfigError(
+            "a regularisation dataset is for the style method: clear it (DreamBooth keeps its class with "
+            "Prior preservation)"
+        )
+    reg = ws.check_name(values["reg_dataset"], "regularisation dataset")
+    if not ws.resolve(ws.datasets / reg).is_dir():
+        raise ConfigError(f"no dataset {reg!r}: make one in the Dataset tab first, or clear the field")
+    return str(ws.resolve(ws.datasets / reg))
 
 
 def merge_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = False):

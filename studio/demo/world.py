@@ -310,6 +310,11 @@ class World:
         """The prior-preservation prompt matching `dreambooth_set` captions."""
         return f"a {class_noun} on a {background} background"
 
+    def scene_set(self, n: int = 8, seed: int = 4242) -> list[Sample]:
+        """Plain scenes of the base split with their canonical captions: a regularisation set for style
+        LoRAs (images like those the base model draws, none in a held-out style)."""
+        return [Sample(self.render(s), self.caption(s), s) for s in self.sample(seed, n, "base")]
+
     def style_set(
         self, style: str = "striped", n: int = 8, seed: int = 0, token: str | None = None
     ) -> list[Sample]:

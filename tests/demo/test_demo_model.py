@@ -2,7 +2,7 @@
 
 The quick evaluation trains each LoRA as the full one does and judges a few images per line; it fails when a
 number falls more than the margin below the quick run recorded in tests/demo/eval_quick_sd15.json (made by
-the command in that file). The full table is bench/results/eval_sd15.md.
+the command in that file, with OMP_NUM_THREADS=1 as the tests run). The full table is bench/results/eval_sd15.md.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from studio.app.cli import main
-from studio.app.evaluate import check_against
+from studio.app.eval_report import check_against
 from studio.demo.adherence import measure_adherence
 from studio.demo.pipelines import load_demo_pipeline
 

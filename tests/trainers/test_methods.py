@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from studio.core.errors import FamilyMismatchError
+from studio.core.errors import ConfigError, FamilyMismatchError
 from studio.core.lora_files import read_lora
 from studio.core.options import build_config
 from studio.core.orthogonal_basis import basis_slice, orthogonality_error
@@ -64,6 +64,22 @@ def test_style_captions_and_tag_frequency(tmp_path, images, fresh_sd15_pipe):
     events = read_events(result.events_path)
     assert any("1 of 3 images have no caption file" in e.get("message", "") for e in events)
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
+
+
+def test_style_with_a_regularisation_set(tmp_path, images, fresh_sd15_pipe):
+    reg = make_images(tmp_path / "reg", 2, {0: "a dog on grass", 1: "a dog on a sofa"})
+    result = run(fresh_sd15_pipe, "sd15", tmp_path, method="style", data_dir=str(images), prompt="sks style",
+                 reg_data_dir=str(reg), prior_loss_weight=0.5)  # fmt: skip
+    meta = read_lora(result.path).metadata
+    assert meta["ss_num_reg_images"] == "2" and meta["ss_num_train_images"] == "3"
+    assert meta["ss_prior_loss_weight"] == "0.5"
+    (reg / "img_1.txt").unlink()
+    with pytest.raises(ConfigError, match="reg_data_dir"):
+        run(tiny_sd15_pipeline(seed=0), "sd15", tmp_path, name="uncaptioned", method="style", data_dir=str(images),
+            prompt="sks style", reg_data_dir=str(reg))  # fmt: skip
+    with pytest.raises(ConfigError, match="reg_data_dir is for method style"):
+        build_config(TrainConfig, {**FAST, "method": "dreambooth", "data_dir": str(images), "prompt": "a sks dog",
+                                   "output_dir": str(tmp_path / "db"), "reg_data_dir": str(reg)})  # fmt: skip
 
 
 def test_blockwise_targets_only_chosen_blocks(tmp_path, images, fresh_sd15_pipe):

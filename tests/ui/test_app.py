@@ -8,9 +8,11 @@ import time
 
 import pytest
 from gradio_client import handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 
 from studio.app.cli import build_parser
+from studio.core.lora_files import read_lora
 from studio.demo.classifiers import load_judges
 
 SUBJECT = "subject: a red heart (sks)"
@@ -198,6 +200,21 @@ def test_a_job_is_followed_live_then_found_in_the_library(client, studio_app, wa
     assert lora in client.predict(item=item, api_name="/restore_lora")
     assert (services.workspace.root / lora).is_file()
     assert "Time estimate: about" in client.predict(dataset="hearts", steps=300, api_name="/train_estimate")
+
+
+def test_style_job_with_a_regularisation_dataset(client, studio_app, wait_for_job):
+    services, _ = studio_app
+    client.predict(name="framed", which="style: framed", count=4, api_name="/add_demo_set")
+    client.predict(name="scenes", which="world scenes (regularisation)", count=4, api_name="/add_demo_set")
+    job = train(client, "framed", "framed-reg", method="style", reg_dataset="scenes", prompt="framed style")
+    done = wait_for_job(services, job)
+    assert done.status == "done", done.message
+    meta = read_lora(services.workspace.root / "runs/framed-reg/framed-reg.safetensors").metadata
+    assert (meta["ss_num_train_images"], meta["ss_num_reg_images"]) == ("4", "4")
+    with pytest.raises(AppError, match="regularisation dataset is for the style method"):
+        client.predict(
+            dataset="framed", name="db", method="dreambooth", reg_dataset="scenes", api_name="/train"
+        )
 
 
 def test_merge_job_shows_its_report(client, studio_app, wait_for_job):

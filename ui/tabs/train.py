@@ -63,6 +63,14 @@ def build(services, tabs: gr.Tabs, jobs_view: gr.Number) -> dict[str, gr.Dropdow
                 with gr.Row():
                     prior = gr.Checkbox(label="Prior preservation (DreamBooth)")
                     class_prompt = gr.Textbox(label="Class prompt", value="a shape on a blue background")
+                reg_dataset = gr.Dropdown(
+                    ws.dataset_names(),
+                    value=None,
+                    label="Regularisation dataset (style, optional)",
+                    info="captioned images without the style, trained alongside: keeps the content",
+                    allow_custom_value=True,
+                    elem_id="train-reg-dataset",
+                )
                 network = gr.Dropdown(
                     ["lora", "locon", "loha", "lokr", "dora"],
                     value="lora",
@@ -125,6 +133,7 @@ def build(services, tabs: gr.Tabs, jobs_view: gr.Number) -> dict[str, gr.Dropdow
             resolution=resolution,
             prior_preservation=prior,
             class_prompt=class_prompt,
+            reg_dataset=reg_dataset,
             more=more,
             network=network,
             sample_prompts=sample_prompts,
@@ -146,4 +155,4 @@ def build(services, tabs: gr.Tabs, jobs_view: gr.Number) -> dict[str, gr.Dropdow
         tab.select(
             show_estimate, form.inputs, estimate_line, api_name="train_estimate", show_progress="hidden"
         )
-    return {"datasets": dataset}
+    return {"datasets": dataset, "reg_datasets": reg_dataset}

@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from studio.app.evaluate import EvalPlan, check_against, evaluate
+    from studio.app.eval_report import check_against, evaluate
+    from studio.app.evaluate import EvalPlan
 
     overrides = {"family": args.family}
     if args.images is not None:

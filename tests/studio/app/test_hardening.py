@@ -37,7 +37,7 @@ def train_form(**more):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("output_dir", "/tmp/elsewhere"), ("data_dir", "/etc"), ("class_data_dir", "../../x"),
+    [("output_dir", "/tmp/elsewhere"), ("data_dir", "/etc"), ("class_data_dir", "../../x"), ("reg_data_dir", "/etc"),
      ("model", "/etc/passwd"), ("resume", "/tmp/some/checkpoint"), ("output_dir", "runs/../../x")],
 )  # fmt: skip
 def test_more_options_cannot_point_a_job_outside_the_workspace(ws, field, value):
@@ -48,6 +48,23 @@ def test_more_options_cannot_point_a_job_outside_the_workspace(ws, field, value)
 def test_paths_from_the_more_options_are_kept_and_made_absolute(ws):
     cfg = form_configs.train_config(ws, train_form(output_dir="runs/elsewhere", resume="latest"))
     assert cfg.output_dir == str(ws.root / "runs" / "elsewhere") and cfg.resume == "latest"
+
+
+def test_regularisation_dataset_comes_from_the_workspace(ws):
+    cfg = form_configs.train_config(ws, {**train_form(), "reg_dataset": "dogs"})
+    assert cfg.reg_data_dir == str(ws.datasets / "dogs")
+    with pytest.raises(ConfigError, match="no dataset 'cats'"):
+        form_configs.train_config(ws, {**train_form(), "reg_dataset": "cats"})
+    with pytest.raises(ConfigError):
+        form_configs.train_config(ws, {**train_form(), "reg_dataset": "../dogs"})
+    with pytest.raises(ConfigError, match="regularisation dataset is for the style method"):
+        form_configs.train_config(ws, {**train_form(), "method": "dreambooth", "reg_dataset": "dogs"})
+    with pytest.raises(
+        ConfigError, match="reg_data_dir is for method style"
+    ):  # the same through More options
+        form_configs.train_config(
+            ws, train_form(reg_data_dir=str(ws.datasets / "dogs")) | {"method": "dreambooth"}
+        )
 
 
 def test_pickle_needs_the_studio_flag(ws):

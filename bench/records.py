@@ -1,0 +1,44 @@
+"""What every bench record shares: the machine's CPU name and the hand-written notes kept across reruns."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from pathlib import Path
+
+NOTES = "## Notes (written by hand)"  # a results file's section that a rerun keeps as it was
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def previous_notes(path: Path, end_marker: str | None = None) -> str:
+    """The hand-written notes section of the file at `path` (up to `end_marker`), or ''."""
+    text = path.read_text() if path.exists() else ""
+    if NOTES not in text:
+        return ""
+    notes = text[text.index(NOTES) :]
+    if end_marker and end_marker in notes:
+        notes = notes[: notes.index(end_marker)]
+    return notes.rstrip() + "\n"
+
+
+def variant_args(doc: str, variants: list[str], results: Path, argv: list[str] | None, sep: str):
+    """The command line of a bench that trains one variant per line: --out, --images, --variants (names
+    joined by `sep`), --threads, --results and --append (keep recorded lines of variants not run now)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="work folder (LoRAs, data)")
+    parser.add_argument("--images", type=int, default=24, help="judged images per line")
+    parser.add_argument("--variants", default=sep.join(variants), help=f"names separated by {sep!r}")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--results", type=Path, default=results)
+    parser.add_argument("--append", action="store_true", help="keep recorded variants not run this time")
+    args = parser.parse_args(argv)
+    args.names = args.variants.split(sep)
+    return args
