@@ -243,7 +243,10 @@ def train_unet(plan: TrainPlan, work: Path, vae: AutoencoderKL) -> dict[str, tor
     """Train UNet + text encoders with the epsilon objective on captioned base-split latents."""
     torch.manual_seed(plan.seed)
     world = world_for(plan.image_size)
-    unet, text_encoders = build_unet(plan.family, plan.image_size), build_text_encoders(plan.family)
+    unet, text_encoders = (
+        build_unet(plan.family, plan.image_size),
+        build_text_encoders(plan.family, plan.image_size),
+    )
     tokenizers = (
         [clip_tokenizer()] if plan.family == "sd15" else [clip_tokenizer(), clip_tokenizer(pad_token="!")]
     )
