@@ -53,9 +53,8 @@ class EvalPlan:
     style_images: int = 32  # style LoRAs need more images than a subject to carry the style to new prompts
     style_steps: int = 600
     style_caption_dropout: float = 0.1  # the style presets' value (bench/results/style_drift.md)
-    ortho_steps: int = (
-        600  # only the up-projections train: twice the steps (bench/results/orthogonal_probe.md)
-    )
+    # orthogonal LoRAs train only their up-projections: twice the steps (bench/results/orthogonal_probe.md)
+    ortho_steps: int = 600
     batch_size: int = 4
     class_images: int = 16
     steps: int = 20  # denoising steps per image
