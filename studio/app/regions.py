@@ -27,8 +27,12 @@ def _rows(rows: Any) -> list[list]:
     return [list(r) for r in rows]
 
 
+def _has_prompt(row: list) -> bool:
+    return len(row) >= 5 and bool(str(row[4] or "").strip())
+
+
 def _filled(rows: Any) -> list[list]:
-    return [r for r in _rows(rows) if len(r) >= 5 and str(r[4] or "").strip()]
+    return [r for r in _rows(rows) if _has_prompt(r)]
 
 
 def _pixel_box(row: list, size: int) -> list[float] | None:
@@ -80,12 +84,10 @@ def preview(rows: Any, size: int = 256) -> Image.Image:
     `size`-pixel image)."""
     canvas = Image.new("RGB", (size, size), "#f4f4f4")
     draw = ImageDraw.Draw(canvas, "RGBA")
-    filled = _filled(rows)
     for row in _rows(rows):  # rows still without a prompt: a thin grey outline
-        box = _pixel_box(row, size) if row not in filled and len(row) >= 4 else None
-        if _drawable(box):
+        if len(row) >= 4 and not _has_prompt(row) and _drawable(box := _pixel_box(row, size)):
             draw.rectangle(box, outline="#b0b0b0", width=1)
-    for n, row in enumerate(filled):
+    for n, row in enumerate(_filled(rows)):
         box = _pixel_box(row, size)
         if box is None:
             continue
