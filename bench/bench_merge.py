@@ -245,7 +245,12 @@ def model_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def part_real(families: list[str], work: Path, cache: Path, resolution: int) -> list[dict]:
+REAL_METHODS = ("svd", "fusion", "ziplora-fast")
+
+
+def part_real(
+    families: list[str], work: Path, cache: Path, resolution: int, methods=REAL_METHODS
+) -> list[dict]:
     """Fusion and ZipLoRA-fast at real SD1.5 / SDXL shapes: a random-weight model of the real architecture
     (bench_train.build_real, fp16 on disk, run in fp32), two random rank-8 LoRAs on the attention
     projections, one reference image each at `resolution`; each a whole `lora-studio merge` process."""
@@ -270,7 +275,7 @@ def part_real(families: list[str], work: Path, cache: Path, resolution: int) -> 
             noise = np.random.default_rng(s).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
             Image.fromarray(noise).save(folder / "0.png")
             refs.append(folder)
-        for method in ("svd", "fusion", "ziplora-fast"):
+        for method in methods:
             cmd = [*(f"{p}:0.8" for p in paths), "--method", method, "--rank", "16", "--overwrite",
                    "--out", str(work / f"{family}_real_{method}.safetensors")]  # fmt: skip
             if method != "svd":
@@ -315,11 +320,16 @@ def _timed_merge(args: list[str], log: Path) -> dict:
 
 
 def real_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | method | resolution | wall s | peak RSS MB |", "|---|---|---|---|---|"]
+    """The rows, then each run's command and machine (rows may come from several runs)."""
+    runs = list(dict.fromkeys((r.get("command", ""), r.get("machine", "")) for r in rows))
+    lines = ["| model | method | resolution | wall s | peak RSS MB | run |", "|---|---|---|---|---|---|"]
     for r in rows:
+        run = runs.index((r.get("command", ""), r.get("machine", ""))) + 1
         lines.append(
-            f"| {r['family']} | {r['method']} | {r['resolution']} | {r['wall_s']} | {r['peak_rss_mb']} |"
+            f"| {r['family']} | {r['method']} | {r['resolution']} | {r['wall_s']} | {r['peak_rss_mb']} | {run} |"
         )
+    lines.append("")
+    lines += [f"Run {i}: `{command}`; {where}" for i, (command, where) in enumerate(runs, 1)]
     return lines
 
 
@@ -356,9 +366,16 @@ def write_results(name: str, results: dict, setup: dict) -> Path:
     data = _previous_data(path)
     if results.get("methods"):
         data["methods"] = {"machine": machine(), "rows": results["methods"], **setup}
-    for part in ("model", "real"):
-        if results.get(part):
-            data[part] = {"machine": machine(), "rows": results[part], "command": setup["command"]}
+    if results.get("model"):
+        data["model"] = {"machine": machine(), "rows": results["model"], "command": setup["command"]}
+    if results.get("real"):  # rows of other models and methods are kept: each row says its run
+        run = {"machine": machine(), "command": setup["command"]}
+        new = [row | run for row in results["real"]]
+        old = data.get("real", {})
+        kept = [row | {k: old[k] for k in run if k in old and k not in row} for row in old.get("rows", [])]
+        done = {(r["family"], r["method"], r["resolution"]) for r in new}
+        rows = [r for r in kept if (r["family"], r["method"], r["resolution"]) not in done] + new
+        data["real"] = {"rows": rows}
     zip_results = results.get("ziplora", [])
     for result in zip_results:
         data.setdefault("ziplora", {})[result["size"]] = {"machine": machine(), **result}
@@ -374,11 +391,12 @@ def write_results(name: str, results: dict, setup: dict) -> Path:
         "model": "Methods that run the base model (built-in demo models, 2 LoRAs of rank 4, rank 8 out)",
         "real": "Fusion and ZipLoRA-fast at real shapes (random weights, 2 LoRAs of rank 8 on the attention)",
     }
-    for key, table in (("model", model_table), ("real", real_table)):
-        if key in data:
-            part = data[key]
-            lines += [f"## {titles[key]}", "", f"Machine: {part['machine']}", ""]
-            lines += [f"Command: `{part['command']}`", ""] + table(part["rows"]) + [""]
+    if "model" in data:
+        part = data["model"]
+        lines += [f"## {titles['model']}", "", f"Machine: {part['machine']}", ""]
+        lines += [f"Command: `{part['command']}`", ""] + model_table(part["rows"]) + [""]
+    if "real" in data:
+        lines += [f"## {titles['real']}", ""] + real_table(data["real"]["rows"]) + [""]
     for result in data.get("ziplora", {}).values():
         model = (
             "tiny SDXL" if result["size"] == "tiny" else "small SDXL-shaped model (UNet widths 128/256/256)"
@@ -458,7 +476,8 @@ def main() -> None:
             results["model"] = part_model(families, work, args.model_steps)
             print("\n".join(model_table(results["model"])))
         if "real" in parts:
-            results["real"] = part_real(families, work, Path(args.real_cache), args.real_resolution)
+            chosen = args.methods.split(",") if args.methods else REAL_METHODS
+            results["real"] = part_real(families, work, Path(args.real_cache), args.real_resolution, chosen)
             print("\n".join(real_table(results["real"])))
         if "ziplora" in parts:
             results["ziplora"] = [

@@ -12,7 +12,6 @@ after the plain sum, on the eval's prompts, seeds and images per line.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from records import cpu_name, previous_notes, variant_args  # noqa: E402  (bench/ is on the path as a script)
+from records import cpu_name, variant_args, with_kept_variants, write_variant_results  # noqa: E402  (bench/ is on the path as a script)
 
 from studio.app.evaluate import EvalPlan, Evaluator  # noqa: E402
 from studio.demo.concepts import SUBJECT, SUBJECT_2  # noqa: E402
@@ -68,12 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.names:
         record += run_variant(ev, name, VARIANTS[name])
         print(record[-4:], flush=True)
-    names = args.names
-    json_path = args.results.with_suffix(".json")
-    if args.append and json_path.is_file():
-        kept = [r for r in json.loads(json_path.read_text()) if r["variant"] not in names]
-        names = list(dict.fromkeys(r["variant"] for r in kept)) + names
-        record = kept + record
+    record, names = with_kept_variants(args, record)
     lines = [
         "# Orthogonal adaptation: alone and after the sum, by training setting (SD1.5 demo model, 64 px)",
         "",
@@ -88,11 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = {r["case"]: r["subject"] for r in record if r["variant"] == name}
         order = ("heart alone", "heart after sum", "moon alone", "moon after sum")
         lines.append(f"| {name} | " + " | ".join(f"{cells[c]:.2f}" for c in order) + " |")
-    if notes := previous_notes(args.results):
-        lines += ["", notes.rstrip()]
-    args.results.write_text("\n".join(lines) + "\n")
-    json_path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.results}")
+    write_variant_results(args, lines, record)
     return 0
 
 

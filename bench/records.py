@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 from pathlib import Path
 
@@ -31,14 +32,35 @@ def previous_notes(path: Path, end_marker: str | None = None) -> str:
 
 def variant_args(doc: str, variants: list[str], results: Path, argv: list[str] | None, sep: str):
     """The command line of a bench that trains one variant per line: --out, --images, --variants (names
-    joined by `sep`), --threads, --results and --append (keep recorded lines of variants not run now)."""
+    joined by `sep`), --threads, --seed, --results and --append (keep recorded lines of variants not run now)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="work folder (LoRAs, data)")
     parser.add_argument("--images", type=int, default=24, help="judged images per line")
     parser.add_argument("--variants", default=sep.join(variants), help=f"names separated by {sep!r}")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=5000, help="first prompt / noise seed (the eval's: 5000)")
     parser.add_argument("--results", type=Path, default=results)
     parser.add_argument("--append", action="store_true", help="keep recorded variants not run this time")
     args = parser.parse_args(argv)
     args.names = args.variants.split(sep)
     return args
+
+
+def with_kept_variants(args, record: list[dict]) -> tuple[list[dict], list[str]]:
+    """With --append, the recorded lines of variants not run now, ahead of this run's: (record, names)."""
+    names = list(args.names)
+    json_path = args.results.with_suffix(".json")
+    if args.append and json_path.is_file():
+        kept = [r for r in json.loads(json_path.read_text()) if r["variant"] not in names]
+        names = list(dict.fromkeys(r["variant"] for r in kept)) + names
+        record = kept + record
+    return record, names
+
+
+def write_variant_results(args, lines: list[str], record: list[dict]) -> None:
+    """The table (hand-written notes kept below it) and its JSON record, next to each other."""
+    if notes := previous_notes(args.results):
+        lines = [*lines, "", notes.rstrip()]
+    args.results.write_text("\n".join(lines) + "\n")
+    args.results.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {args.results}")

@@ -104,6 +104,11 @@ class MergeConfig:
     references: list[str] = option(
         [], "ziplora, fusion: one folder of reference images per source ('' = generate them from the prompt)"
     )
+    reference_captions: bool = option(
+        False,
+        "ziplora, fusion: each reference image is seen with its caption file (name.txt) instead of the "
+        "source's prompt (bench/results/fusion_probe.md: keeps backgrounds, favours the stronger concept)",
+    )
     steps: int = option(100, "ziplora: merger optimisation steps (paper: 100)", min=0, max=100_000)
     lr: float = option(0.01, "ziplora: Adam learning rate of the mergers (paper: 0.01)")
     similarity_weight: float = option(
@@ -138,6 +143,9 @@ class MergeConfig:
         4, "ziplora: fixed noisy samples per source for the whole-model error; fusion: recorded ones", min=1
     )
     # --- gradient fusion -------------------------------------------------------------------------
+    fusion_samples: int = option(
+        16, "fusion: noisy samples recorded per source (its reference images in turn)", min=1, max=10_000
+    )
     fusion_ridge: float = option(
         1e-3, "fusion: ridge added to each layer's input Gram matrix, relative to its mean diagonal", min=0.0
     )

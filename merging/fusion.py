@@ -1,7 +1,9 @@
 """Mix-of-Show gradient fusion (Gu et al., NeurIPS 2023), solved per layer in closed form.
 
-For every UNet layer, with X_i the inputs it sees while concept i runs on its own prompts (noisy latents of its
-reference images, its LoRA acting) and dW_i its weighted delta (zero where concept i does not adapt the layer):
+For every UNet layer, with X_i the inputs it sees while concept i runs on its own data (noisy latents of its
+reference images - its training images where given, else images it generates - with its prompt, as the
+reference implementation records each concept on "photo of a <concept>"; its LoRA acting) and dW_i its
+weighted delta (zero where concept i does not adapt the layer):
 
     W* = argmin_W  sum_i || W X_i - (W0 + dW_i) X_i ||^2      =>     W* - W0 = (sum_i dW_i G_i) G^-1
 
@@ -29,7 +31,7 @@ from merging.config import MergeConfig
 from merging.linear import truncate_factors
 from merging.sources import Factors, MergeSource
 from merging.ziplora import adapter_name, prepare
-from merging.ziplora_data import sample_batch
+from merging.ziplora_data import noisy_samples
 from merging.ziplora_layer import ZipLoraLayer, ZipLoraModel
 
 Progress = Callable[[dict], None]
@@ -50,11 +52,14 @@ def fusion_merge(
     model = ZipLoraModel(pipe, {adapter_name(i): s.factors() for i, s in enumerate(sources)})
     with model.installed():
         setup = prepare(pipe, model, sources, cfg)
-        batch = sample_batch(setup.scheduler, setup.refs, cfg.eval_samples,
-                             torch.Generator().manual_seed(cfg.seed + 104729))  # fmt: skip
-        gathered = Gathered(model, batch.sources, cfg.fast_tokens, cfg.seed)
+        generator = torch.Generator().manual_seed(cfg.seed + 104729)
+        gathered = Gathered(model, tuple(range(len(sources))), cfg.fast_tokens, cfg.seed)
         with gathered.hooked(), torch.no_grad():
-            setup.run("sources", batch)
+            for k in range(cfg.fusion_samples):  # one sample per concept a pass, its references in turn
+                picks = [[k % ref.shape[0]] for ref in setup.refs]
+                setup.run("sources", noisy_samples(setup.scheduler, setup.refs, picks, generator))
+                if progress and (k + 1) % 8 == 0:
+                    progress({"stage": f"recording inputs: sample {k + 1} of {cfg.fusion_samples}"})
     if progress:
         progress({"stage": f"solving {len(gathered.cross)} layers"})
     factors, errors = {}, {}
@@ -70,7 +75,7 @@ def fusion_merge(
         "layers_fused": len(gathered.rows),
         "layers_summed": len(model.layers) - len(gathered.rows),
         "ridge": cfg.fusion_ridge,
-        "samples_per_concept": cfg.eval_samples,
+        "samples_per_concept": cfg.fusion_samples,
         "seconds": round(time.perf_counter() - started, 2),
     }
     if errors:

@@ -39,6 +39,7 @@ from merging.ziplora_data import (
     encode_prompt,
     generate_latents,
     predict,
+    reference_captions,
     sample_batch,
     training_scheduler,
 )
@@ -54,7 +55,7 @@ class ZipSetup:
     """Everything the objective needs, built once: model, references, conditioning, a fixed eval batch."""
 
     model: ZipLoraModel
-    prompts: list[str]
+    prompts: list[list[str]]  # per source: one prompt, or one per reference image (its caption)
     size: tuple[int, int]
     refs: list[torch.Tensor]
     target_conds: list[Condition]
@@ -67,7 +68,8 @@ class ZipSetup:
         return self.model.pipe.unet
 
     def conditions(self, mode: str) -> list[Condition]:
-        """One Condition per source, encoded with the model in `mode` ("sources" = each LoRA alone)."""
+        """One Condition per source (a row per prompt), encoded with the model in `mode` ("sources" = each
+        LoRA alone)."""
         if mode == "sources":
             return self.target_conds
         if mode == "merged" and self.fixed_merged_conds is not None:
@@ -78,7 +80,8 @@ class ZipSetup:
     def run(self, mode: str, batch: NoisyBatch) -> torch.Tensor:
         """The UNet prediction of `batch` with the model in `mode`."""
         conds = self.conditions(mode)
-        cond = cat_conditions([conds[i] for i in batch.sources])
+        picks = batch.picks or (0,) * len(batch.sources)
+        cond = cat_conditions([conds[i].row(pick) for i, pick in zip(batch.sources, picks)])
         self.model.set_mode(mode, batch.sources if mode == "sources" else None)
         return predict(self.unet, batch, cond)
 
@@ -153,14 +156,17 @@ def ziplora_merge(
 def prepare(pipe, model: ZipLoraModel, sources: list[MergeSource], cfg: MergeConfig) -> ZipSetup:
     """Conditioning and reference latents of every source, and a fixed evaluation batch."""
     size = default_size(pipe, cfg.resolution)
-    prompts = list(cfg.prompts)
     folders = list(cfg.references) or [""] * len(sources)
+    prompts = [
+        reference_captions(folder, prompt) if folder and cfg.reference_captions else [prompt]
+        for prompt, folder in zip(cfg.prompts, folders)
+    ]
     with torch.no_grad():
         target_conds = []
         refs = []
-        for i, (prompt, folder) in enumerate(zip(prompts, folders)):
+        for i, (prompt, folder) in enumerate(zip(cfg.prompts, folders)):
             model.set_mode("sources", [i])
-            target_conds.append(encode_prompt(pipe, prompt, size))
+            target_conds.append(encode_prompt(pipe, prompts[i], size))
             if folder:
                 refs.append(encode_images(pipe, folder, size))
             else:

@@ -1,11 +1,13 @@
 """What ZipLoRA optimises on: each LoRA's prompt, its reference latents, and noisy samples of them.
 
 Each source brings its own prompt (trigger words) and reference images; without images, the references
-are generated first with that LoRA alone from its prompt (as latents: no decode/encode round trip).
+are generated first with that LoRA alone from its prompt (as latents: no decode/encode round trip). With
+`reference_captions`, a reference image with a caption file (name.txt, as in a training folder) is seen with
+its own caption, the way the LoRA saw it in training, instead of the source's prompt.
 The objective compares whole-model noise predictions on noisy versions of those latents, so a sample
-carries the index of the source it belongs to.
+carries the index of the source it belongs to and of the reference it was made from.
 
-    >>> cond = encode_prompt(pipe, "a sks dog", (512, 512))  # doctest: +SKIP
+    >>> cond = encode_prompt(pipe, ["a sks dog", "a sks dog on a beach"], (512, 512))  # doctest: +SKIP
     >>> batch = sample_batch(scheduler, [refs_a, refs_b], per_source=1, generator=g)  # doctest: +SKIP
 """
 
@@ -18,7 +20,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from studio.core.errors import ConfigError
-from studio.core.images import IMAGE_SUFFIXES, image_files, load_image
+from studio.core.images import IMAGE_SUFFIXES, image_files, load_image, read_caption
 
 
 @dataclass
@@ -27,6 +29,12 @@ class Condition:
 
     embeds: torch.Tensor
     added: dict[str, torch.Tensor] | None = None
+
+    def row(self, index: int) -> Condition:
+        """One prompt's conditioning (a single-prompt Condition serves every index)."""
+        index = index if self.embeds.shape[0] > 1 else 0
+        added = {k: v[index : index + 1] for k, v in self.added.items()} if self.added else None
+        return Condition(self.embeds[index : index + 1], added)
 
 
 def cat_conditions(conds: list[Condition]) -> Condition:
@@ -37,8 +45,9 @@ def cat_conditions(conds: list[Condition]) -> Condition:
     return Condition(embeds, added)
 
 
-def encode_prompt(pipe, prompt: str, size: tuple[int, int]) -> Condition:
-    """Encode one prompt with the pipeline's own encode_prompt (gradients flow when the encoders adapt)."""
+def encode_prompt(pipe, prompt: str | list[str], size: tuple[int, int]) -> Condition:
+    """Encode one prompt or a list (one row each) with the pipeline's own encode_prompt (gradients flow
+    when the encoders adapt)."""
     device = pipe.unet.device
     out = pipe.encode_prompt(
         prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -47,7 +56,7 @@ def encode_prompt(pipe, prompt: str, size: tuple[int, int]) -> Condition:
         return Condition(out[0])
     embeds, _, pooled, _ = out  # SDXL: (embeds, negative, pooled, negative pooled)
     h, w = size
-    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=device)
+    time_ids = torch.tensor([[h, w, 0, 0, h, w]] * embeds.shape[0], dtype=embeds.dtype, device=device)
     return Condition(embeds, {"text_embeds": pooled, "time_ids": time_ids})
 
 
@@ -69,6 +78,11 @@ def reference_images(folder: str | Path) -> list[Path]:
     if not files:
         raise ConfigError(f"reference folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
+
+
+def reference_captions(folder: str | Path, fallback: str, extension: str = ".txt") -> list[str]:
+    """The prompt of each reference image: its caption file, or `fallback` where it has none."""
+    return [read_caption(path, extension) or fallback for path in reference_images(folder)]
 
 
 @torch.no_grad()
@@ -106,11 +120,12 @@ def generate_latents(
 
 @dataclass
 class NoisyBatch:
-    """Noisy latents, their timesteps, and which source each sample belongs to."""
+    """Noisy latents, their timesteps, which source each sample belongs to and which of its references."""
 
     latents: torch.Tensor
     timesteps: torch.Tensor
     sources: tuple[int, ...]
+    picks: tuple[int, ...] = ()
 
 
 def training_scheduler(pipe) -> DDPMScheduler:
@@ -122,17 +137,30 @@ def sample_batch(
     scheduler: DDPMScheduler, refs: list[torch.Tensor], per_source: int, generator: torch.Generator
 ) -> NoisyBatch:
     """per_source noisy samples of each source's references (random reference, noise and timestep)."""
-    latents, timesteps, sources = [], [], []
-    for index, ref in enumerate(refs):
-        pick = torch.randint(0, ref.shape[0], (per_source,), generator=generator)
-        clean = ref[pick]
+    return noisy_samples(scheduler, refs, [per_source] * len(refs), generator)
+
+
+def noisy_samples(
+    scheduler: DDPMScheduler,
+    refs: list[torch.Tensor],
+    picks: list[int | list[int]],
+    generator: torch.Generator,
+) -> NoisyBatch:
+    """Noisy versions of references, random noise and timestep; picks[i] says which of refs[i]: a list of
+    indices, or a count of random ones."""
+    latents, timesteps, sources, chosen = [], [], [], []
+    for index, (ref, pick) in enumerate(zip(refs, picks)):
+        if isinstance(pick, int):
+            pick = torch.randint(0, ref.shape[0], (pick,), generator=generator).tolist()
+        clean = ref[torch.tensor(pick, dtype=torch.long)]
         noise = torch.randn(clean.shape, generator=generator).to(clean.device, clean.dtype)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (per_source,), generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(pick),), generator=generator)
         latents.append(scheduler.add_noise(clean, noise, t.to(clean.device)))
         timesteps.append(t)
-        sources += [index] * per_source
+        sources += [index] * len(pick)
+        chosen += pick
     device = refs[0].device
-    return NoisyBatch(torch.cat(latents), torch.cat(timesteps).to(device), tuple(sources))
+    return NoisyBatch(torch.cat(latents), torch.cat(timesteps).to(device), tuple(sources), tuple(chosen))
 
 
 def predict(unet, batch: NoisyBatch, cond: Condition) -> torch.Tensor:

@@ -27,7 +27,9 @@ torch.set_num_threads(int(os.environ.get("LORA_STUDIO_TEST_THREADS", "1")))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked `gpu` when no CUDA device is present."""
+    """Slow tests first (with two workers, the other one runs everything else meanwhile); skip tests marked
+    `gpu` when no CUDA device is present."""
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from studio.core.errors import BadFileError, ConfigError
-from studio.core.images import IMAGE_SUFFIXES, image_files, load_image
+from studio.core.images import IMAGE_SUFFIXES, image_files, load_image, read_caption
 
 
 @dataclass
@@ -113,16 +113,8 @@ def scan_dataset(
 def _caption_for(path: Path, use_captions: bool, extension: str) -> tuple[str | None, bool]:
     if not use_captions:
         return None, False
-    caption_path = path.with_suffix(extension)
-    if not caption_path.is_file():
-        return None, False
-    try:
-        text = caption_path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadFileError(
-            f"{caption_path}: cannot read this caption file ({exc}); save it as UTF-8."
-        ) from None
-    return (" ".join(text.split()) or None), bool(text)
+    text = read_caption(path, extension)
+    return (text or None), bool(text)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -346,8 +346,10 @@ class Evaluator:
                                              [(merged, 1.0)], subject))  # fmt: skip
         sources = [f"{f}:1.0" for f in files["ordinary"]]
         prompts = [f"a {s['token']} shape" for s in subjects]
+        # fusion records each concept on its training images (bench/results/fusion_probe.md)
+        data = [str(self.work / "data" / f"subject_{s['shape']}") for s in subjects]
         for kind, method, options in (
-            ("fusion", "fusion", {}),
+            ("fusion", "fusion", {"references": data}),
             ("ZipLoRA", "ziplora", {"steps": self.plan.ziplora_steps}),
         ):
             merged = self.merge(f"subjects_{method}", method, sources, model=self.model, prompts=prompts,

@@ -148,12 +148,29 @@ def merge_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = Fal
         "overwrite": bool(values.get("overwrite")),
         "density": float(values["density"]),
         "prompts": [p.strip() for p in (values.get("prompts") or "").split("|") if p.strip()],
+        "references": reference_folders(ws, values.get("references") or ""),
     }
     if int(values.get("rank") or 0) > 0:
         options["rank"] = int(values["rank"])
     if values["method"] in ("ziplora", "ziplora-fast", "fusion") or any(_is_dora(ws, s) for s in sources):
         options["model"] = model_choice(ws, values["model"])  # ZipLoRA, fusion run it; DoRA depends on it
     return confine(ws, build_config(MergeConfig, options), allow_pickle=allow_pickle)
+
+
+def reference_folders(ws: Workspace, text: str) -> list[str]:
+    """The Merge tab's reference datasets ("heart | | moon": one per LoRA, empty = generate) as folders."""
+    if not text.strip():
+        return []
+    folders = []
+    for name in (part.strip() for part in text.split("|")):
+        if not name:
+            folders.append("")
+            continue
+        folder = ws.resolve(ws.datasets / ws.check_name(name, "reference dataset"))
+        if not folder.is_dir():
+            raise ConfigError(f"no dataset {name!r}: make one in the Dataset tab, or leave that place empty")
+        folders.append(str(folder))
+    return folders
 
 
 def _is_dora(ws: Workspace, source: str) -> bool:

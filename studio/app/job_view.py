@@ -67,7 +67,8 @@ class JobView:
 def job_view(store: JobStore, job_id: int, log_lines: int = 200) -> JobView:
     """Everything the page shows of one job (see the module docstring)."""
     job = store.get(job_id)
-    view = JobView(job, total=job.config.get("max_steps") or job.config.get("steps"))
+    merge_steps = job.config.get("steps") if job.config.get("method") == "ziplora" else None  # others: none
+    view = JobView(job, total=job.config.get("max_steps") or merge_steps)
     steps: list[tuple[float, int]] = []
     smoothed, weight = 0.0, 0.0
     for event in store.events(job_id):

@@ -45,3 +45,15 @@ def image_size(path: Path) -> tuple[int, int]:
             return w, h
     except _UNREADABLE as exc:
         raise BadFileError(f"{path}: cannot read this image ({exc}). Replace or remove the file.") from None
+
+
+def read_caption(image: Path, extension: str = ".txt") -> str:
+    """The caption file next to an image (name.txt), whitespace collapsed; "" when there is none."""
+    path = image.with_suffix(extension)
+    if not path.is_file():
+        return ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadFileError(f"{path}: cannot read this caption file ({exc}); save it as UTF-8.") from None
+    return " ".join(text.split())

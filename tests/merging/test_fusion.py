@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 from merging import MergeConfig, run_merge
 from merging.fusion import fusion_merge
@@ -28,7 +29,7 @@ def pair(tiny_sd15, tmp_path):
 def config(pair, **extra):
     a, b = pair
     values = dict(sources=[f"{a}:0.8", f"{b}:1.1"], method="fusion", prompts=["a sks shape", "a zwx shape"],
-                  reference_count=1, reference_steps=2, eval_samples=2, fast_tokens=10_000, out="", into_base="x",
+                  reference_count=1, reference_steps=2, fusion_samples=2, fast_tokens=10_000, out="", into_base="x",
                   model="demo:sd15")  # fmt: skip
     return build_config(MergeConfig, {**values, **extra})
 
@@ -71,6 +72,32 @@ def test_fusion_writes_a_lora_and_a_checkpoint(pair, tiny_sd15_dir, tmp_path):
     details = result.report.details["fusion"]
     assert details["svd_error"]["max"] < 1 and details["layers_fused"] > 0
     assert all(row.recorded is not None for row in result.report.sources)  # kept on each concept's own inputs
+
+
+def test_captioned_references_are_seen_with_their_own_captions(pair, fresh_sd15, tmp_path):
+    from merging.ziplora import prepare
+    from merging.ziplora_data import encode_prompt
+    from merging.ziplora_layer import ZipLoraModel
+
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    for name, colour in (("0", "red"), ("1", "green"), ("2", "blue")):
+        Image.new("RGB", (64, 64), colour).save(folder / f"{name}.png")
+    (folder / "0.txt").write_text("a sks shape on a red background\n")
+    (folder / "1.txt").write_text("  a sks shape\non a green   background ")  # 2.png has none: the prompt
+    sources, _ = load_sources(config(pair).source_refs())
+    model = ZipLoraModel(fresh_sd15, {f"s{i}": s.factors() for i, s in enumerate(sources)})
+    expected = ["a sks shape on a red background", "a sks shape on a green background", "a sks shape"]
+    with model.installed():
+        setup = prepare(fresh_sd15, model, sources,
+                        config(pair, references=[str(folder), ""], reference_captions=True))  # fmt: skip
+        assert setup.prompts == [expected, ["a zwx shape"]]
+        assert setup.refs[0].shape[0] == 3
+        model.set_mode("sources", [0])
+        green = encode_prompt(fresh_sd15, expected[1], setup.size).embeds
+        assert torch.allclose(setup.conditions("sources")[0].row(1).embeds, green)
+        plain = prepare(fresh_sd15, model, sources, config(pair, references=[str(folder), ""]))
+        assert plain.prompts[0] == ["a sks shape"]
 
 
 def test_fusion_needs_a_model_and_prompts(pair):

@@ -231,6 +231,18 @@ def test_merge_job_shows_its_report(client, studio_app, wait_for_job):
     assert "svd" in summary and "rank 4" in summary
     table = report.get("value", report)  # shown (an update that makes it visible) for merge jobs only
     assert [r[0] for r in table["data"]] == ["m1.safetensors", "m2.safetensors"]
+    # gradient fusion records each LoRA on a reference dataset (its captioned images) from the workspace
+    pair = ["runs/m1/m1.safetensors", "runs/m2/m2.safetensors"]
+    with pytest.raises(AppError, match="no dataset 'nope'"):
+        client.predict(sources=pair, method="fusion", name="fused", prompts="a sks shape | a sks shape",
+                       references="nope | hearts4", api_name="/merge")  # fmt: skip
+    _, job = client.predict(sources=pair, method="fusion", name="fused", prompts="a sks shape | a sks shape",
+                            references="hearts4 | ", api_name="/merge")  # fmt: skip
+    fused = wait_for_job(services, int(job))
+    assert fused.status == "done", fused.message
+    assert (services.workspace.loras / "fused.safetensors").is_file()
+    bar = client.predict(job_id=int(job), api_name="/job_view")[1]
+    assert "done" in bar and "step" not in bar, bar  # no step counter for a merge that takes none
 
 
 def test_a_failing_job_is_reported_and_the_page_keeps_working(client, studio_app, wait_for_job):

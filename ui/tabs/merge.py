@@ -1,5 +1,5 @@
-"""Merge tab: combine workspace LoRAs (linear / concat / SVD / TIES / DARE / ZipLoRA / orthogonal) as a job;
-its report (each source's preservation and interference, rank, size) shows in the job's view."""
+"""Merge tab: combine workspace LoRAs (linear / concat / SVD / TIES / DARE / ZipLoRA / fusion / orthogonal)
+as a job; its report (each source's preservation and interference, rank, size) shows in the job's view."""
 
 from __future__ import annotations
 
@@ -37,8 +37,12 @@ def build(services, tabs: gr.Tabs, jobs_view: gr.Number) -> dict[str, gr.Dropdow
                     density=gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Density (ties/dare/magnitude)"),
                     model=gr.Dropdown(list(DEMO_MODELS), value="demo:sd15", allow_custom_value=True,
                                       label="Base model (ZipLoRA, and DoRA sources)"),
-                    prompts=gr.Textbox(label="ZipLoRA prompts, one per LoRA, separated by |",
+                    prompts=gr.Textbox(label="ZipLoRA / fusion prompts, one per LoRA, separated by |",
                                        placeholder="a sks shape | a red circle, framed style"),
+                    references=gr.Textbox(
+                        label="Reference datasets (ZipLoRA / fusion), one per LoRA, separated by | "
+                              "(e.g. each LoRA's training set; empty = images generated from the prompt)",
+                        placeholder="heart | moon"),
                 )  # fmt: skip
                 submit = gr.Button("Queue merge", variant="primary")
                 status = gr.Markdown(elem_id="merge-status")

@@ -37,11 +37,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", metavar="FILE[:WEIGHT[:BLOCKS]]", help="LoRA files to merge")
     p.add_argument(
         "--prompt", dest="prompts", action="append", metavar="TEXT",
-        help="ziplora: the prompt of one source (give it once per source, in source order)",
+        help="ziplora, fusion: the prompt of one source (give it once per source, in source order)",
     )  # fmt: skip
     p.add_argument(
         "--references", dest="references", action="append", metavar="FOLDER",
-        help="ziplora: reference images of one source (once per source; '' = generate from its prompt)",
+        help="ziplora, fusion: reference images of one source, e.g. its training set (once per source; '' = "
+        "generate them from its prompt)",
     )  # fmt: skip
     p.add_argument("--preset", help="TOML preset: a file, or a name under presets/ (e.g. merge_ziplora)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any option, e.g. --set steps=50")
