@@ -53,7 +53,7 @@ def fusion_merge(
     with model.installed():
         setup = prepare(pipe, model, sources, cfg)
         generator = torch.Generator().manual_seed(cfg.seed + 104729)
-        gathered = Gathered(model, tuple(range(len(sources))), cfg.fast_tokens, cfg.seed)
+        gathered = Gathered(model, tuple(range(len(sources))), cfg.fast_tokens, cfg.seed, cfg.fusion_samples)
         with gathered.hooked(), torch.no_grad():
             for k in range(cfg.fusion_samples):  # one sample per concept a pass, its references in turn
                 picks = [[k % ref.shape[0]] for ref in setup.refs]
@@ -96,9 +96,12 @@ class Gathered:
     cross-attention's to_k and to_v, which all read the text embeddings) share one G. Memory: (in x in)
     float32 per distinct input + (rank x in) per layer, whatever the number of concepts."""
 
-    def __init__(self, model: ZipLoraModel, sources: list[int], report_rows: int, seed: int) -> None:
+    def __init__(
+        self, model: ZipLoraModel, sources: list[int], report_rows: int, seed: int, passes: int = 1
+    ) -> None:
         self.model, self.sources = model, list(sources)
         self.report_rows, self.generator = report_rows, torch.Generator().manual_seed(seed)
+        self.rows_per_pass = -(-report_rows // passes)  # the report's rows come from every pass alike
         self.gram: dict[str, torch.Tensor] = {}
         self.owner: dict[str, str] = {}  # path -> the path whose G it shares (itself when not shared)
         self.cross: dict[str, torch.Tensor] = {}
@@ -133,7 +136,7 @@ class Gathered:
                 cols = layer.slices.get(self.model.names[source])
                 if cols is not None:  # in rank space: N = up @ cross, cross[cols] = sum A_i X^T X
                     self.cross[path][cols] += layer.lora_A_cat().detach()[cols].float() @ grams[b]
-                keep = torch.randperm(rows.shape[1], generator=self.generator)[: self.report_rows]
+                keep = torch.randperm(rows.shape[1], generator=self.generator)[: self.rows_per_pass]
                 self.rows.setdefault(path, {}).setdefault(source, []).append(rows[b][keep.to(rows.device)])
 
         return hook
