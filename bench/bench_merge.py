@@ -371,11 +371,11 @@ def write_results(name: str, results: dict, setup: dict) -> Path:
     if results.get("real"):  # rows of other models and methods are kept: each row says its run
         run = {"machine": machine(), "command": setup["command"]}
         new = [row | run for row in results["real"]]
-        old = data.get("real", {})
-        kept = [row | {k: old[k] for k in run if k in old and k not in row} for row in old.get("rows", [])]
         done = {(r["family"], r["method"], r["resolution"]) for r in new}
-        rows = [r for r in kept if (r["family"], r["method"], r["resolution"]) not in done] + new
-        data["real"] = {"rows": rows}
+        kept = data.get("real", {}).get("rows", [])
+        data["real"] = {
+            "rows": [r for r in kept if (r["family"], r["method"], r["resolution"]) not in done] + new
+        }
     zip_results = results.get("ziplora", [])
     for result in zip_results:
         data.setdefault("ziplora", {})[result["size"]] = {"machine": machine(), **result}

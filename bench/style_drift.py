@@ -24,7 +24,6 @@ once), and "both" = framed and every content attribute right. Without LoRA on th
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from records import cpu_name, previous_notes, variant_args  # noqa: E402  (bench/ is on the path as a script)
+from records import cpu_name, variant_args, with_kept_variants, write_variant_results  # noqa: E402  (bench/ is on the path as a script)
 
 from studio.app.evaluate import EvalPlan, Evaluator, world_prompts  # noqa: E402
 from studio.demo.concepts import STYLE  # noqa: E402
@@ -108,10 +107,7 @@ def write(args, plan: EvalPlan, rows, ev: Evaluator) -> None:
     for name, row, seconds in rows:
         m = row.metrics | {"both": both_share(ev, row.images, STYLE)}
         record.append({"variant": name, "metrics": m, "seconds": round(seconds), "command": command})
-    json_path = args.results.with_suffix(".json")
-    if args.append and json_path.is_file():
-        ran = {r["variant"] for r in record}
-        record = [r for r in json.loads(json_path.read_text()) if r["variant"] not in ran] + record
+    record, _ = with_kept_variants(args, record)
     record.sort(key=lambda r: r["variant"] != "no LoRA")  # the reference line first
     for r in record:
         m = r["metrics"]
@@ -124,11 +120,7 @@ def write(args, plan: EvalPlan, rows, ev: Evaluator) -> None:
             {f"- `{r.get('command', 'python bench/style_drift.py --out /tmp/sd/work')}`" for r in record}
         ),
     ]
-    if notes := previous_notes(args.results):
-        lines += ["", notes.rstrip()]
-    args.results.write_text("\n".join(lines) + "\n")
-    json_path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.results}")
+    write_variant_results(args, lines, record)
 
 
 if __name__ == "__main__":

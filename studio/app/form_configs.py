@@ -80,10 +80,7 @@ def train_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = Fal
     from trainers.config import TrainConfig
 
     name = ws.check_name(values["name"], "LoRA name")
-    dataset = ws.check_name(values["dataset"] or "", "dataset")
-    data_dir = ws.resolve(ws.datasets / dataset)
-    if not data_dir.is_dir():
-        raise ConfigError(f"no dataset {dataset!r}: make one in the Dataset tab first")
+    data_dir = ws.dataset_folder(values["dataset"])
     numbers = within_limits(values)
     options = load_preset(values["preset"], "train") if values.get("preset") else {}
     options |= {
@@ -126,10 +123,8 @@ def regularisation_folder(ws: Workspace, values: dict[str, Any]) -> str:
             "a regularisation dataset is for the style method: clear it (DreamBooth keeps its class with "
             "Prior preservation)"
         )
-    reg = ws.check_name(values["reg_dataset"], "regularisation dataset")
-    if not ws.resolve(ws.datasets / reg).is_dir():
-        raise ConfigError(f"no dataset {reg!r}: make one in the Dataset tab first, or clear the field")
-    return str(ws.resolve(ws.datasets / reg))
+    fix = "make one in the Dataset tab first, or clear the field"
+    return str(ws.dataset_folder(values["reg_dataset"], "regularisation dataset", fix=fix))
 
 
 def merge_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = False):
@@ -161,16 +156,9 @@ def reference_folders(ws: Workspace, text: str) -> list[str]:
     """The Merge tab's reference datasets ("heart | | moon": one per LoRA, empty = generate) as folders."""
     if not text.strip():
         return []
-    folders = []
-    for name in (part.strip() for part in text.split("|")):
-        if not name:
-            folders.append("")
-            continue
-        folder = ws.resolve(ws.datasets / ws.check_name(name, "reference dataset"))
-        if not folder.is_dir():
-            raise ConfigError(f"no dataset {name!r}: make one in the Dataset tab, or leave that place empty")
-        folders.append(str(folder))
-    return folders
+    fix = "make one in the Dataset tab, or leave that place empty"
+    names = [part.strip() for part in text.split("|")]
+    return [str(ws.dataset_folder(n, "reference dataset", fix=fix)) if n else "" for n in names]
 
 
 def _is_dora(ws: Workspace, source: str) -> bool:

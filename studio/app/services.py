@@ -22,7 +22,6 @@ from studio.app.jobs import JobStore
 from studio.app.library import Library
 from studio.app.runner import JobRunner
 from studio.app.workspace import Workspace
-from studio.core.errors import ConfigError
 from studio.core.options import config_to_dict
 
 
@@ -97,12 +96,7 @@ class Services:
 
     # -------------------------------------------------------------------------------------- datasets
     def dataset_folder(self, name: str, must_exist: bool = True) -> Path:
-        folder = self.workspace.resolve(
-            self.workspace.datasets / self.workspace.check_name(name or "", "dataset")
-        )
-        if must_exist and not folder.is_dir():
-            raise ConfigError(f"no dataset {name!r}: make one in the Dataset tab first")
-        return folder
+        return self.workspace.dataset_folder(name, must_exist=must_exist)
 
     def add_images(self, name: str, files: list[str], caption: str):
         """Import files (images, and .txt captions paired by name) into datasets/<name>; returns the

@@ -75,6 +75,19 @@ class Workspace:
             )
         return name
 
+    def dataset_folder(
+        self,
+        name: str,
+        what: str = "dataset",
+        must_exist: bool = True,
+        fix: str = "make one in the Dataset tab first",
+    ) -> Path:
+        """datasets/<name>, the name checked; with must_exist, a ConfigError naming `fix` when it is missing."""
+        folder = self.resolve(self.datasets / self.check_name(name or "", what))
+        if must_exist and not folder.is_dir():
+            raise ConfigError(f"no dataset {name!r}: {fix}")
+        return folder
+
     def dataset_names(self) -> list[str]:
         return sorted(p.name for p in self.datasets.iterdir() if p.is_dir())
 
