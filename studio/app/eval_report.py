@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from studio.app.evaluate import EvalPlan, Evaluator, Row
+from studio.app.eval_many import WorldEvaluator, concept_names
+from studio.app.evaluate import EvalPlan, Row
 from studio.demo.adherence import image_grid
-from studio.demo.concepts import STYLE, SUBJECT, SUBJECT_2
+from studio.demo.concepts import BACKGROUND, STYLE, SUBJECT, SUBJECT_2, SUBJECTS_4
 
-METRIC_ORDER = ("subject", "style", "both", "shape", "colour", "background", "all")
+METRIC_ORDER = ("subject", "left", "right", "style", "both", "shape", "colour", "background", "all")
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -33,6 +34,7 @@ def table(rows: Sequence[Row]) -> str:
 def write_report(plan: EvalPlan, rows: Sequence[Row], seconds: float, command: str) -> dict:
     """eval.md, eval.json and eval_grid.png (up to 8 images per row) in plan.out."""
     plan.out.mkdir(parents=True, exist_ok=True)
+    subjects = SUBJECTS_4 if plan.image_size == 128 else (SUBJECT, SUBJECT_2)
     data = {
         "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
         "command": command,
@@ -42,14 +44,16 @@ def write_report(plan: EvalPlan, rows: Sequence[Row], seconds: float, command: s
     }
     (plan.out / "eval.json").write_text(json.dumps(data, indent=2) + "\n")
     text = (
-        f"# Demo-world evaluation ({plan.family})\n\n"
+        f"# Demo-world evaluation ({plan.family}{', the 128 px world' if plan.image_size == 128 else ''})\n\n"
         f"Command: `{command}`  \nSeeds: prompts and noise from seed {plan.seed} on; LoRAs trained with seed 0.  \n"
         f"{plan.images} images per line, {plan.steps} denoising steps, CFG {plan.guidance}; LoRAs rank "
         f"{plan.lora_rank}, {plan.lora_steps} steps, batch {plan.batch_size}, lr {plan.lora_lr}, "
         f"{plan.train_images} training images (style: {plan.style_images} images, {plan.style_steps} steps, caption dropout {plan.style_caption_dropout}; orthogonal: {plan.ortho_steps} steps). Took {seconds / 60:.1f} min.\n\n"
         "Numbers are shares of generated images the judges read as asked: subject = the held-out shape "
-        f"({SUBJECT['shape']} for {SUBJECT['token']}, {SUBJECT_2['shape']} for {SUBJECT_2['token']}), style = "
-        f"{STYLE}, both = subject and style in the same image, shape/colour/background = as the prompt says.\n\n"
+        f"({concept_names(subjects)}), style = {STYLE}, both = subject and style in the same image (with "
+        "several concepts: every one asked for), shape/colour/background = as the prompt says"
+        + (f" (a gold background: {BACKGROUND['colour']})" if plan.image_size == 128 else "")
+        + "; left / right = the subject asked on that side, judged on that side's crop.\n\n"
         + table(rows)
         + "\n"
     )
@@ -57,7 +61,10 @@ def write_report(plan: EvalPlan, rows: Sequence[Row], seconds: float, command: s
     shown = [
         im
         for r in rows
-        for im in (r.images[:8] + [Image.new("RGB", (64, 64), (128, 128, 128))] * (8 - len(r.images[:8])))
+        for im in (
+            r.images[:8]
+            + [Image.new("RGB", (plan.image_size,) * 2, (128, 128, 128))] * (8 - len(r.images[:8]))
+        )
         if r.images
     ]
     if shown:
@@ -69,7 +76,10 @@ def evaluate(plan: EvalPlan, command: str = "lora-studio eval", log: Callable[[s
     """Run every row of `plan` and write the report; returns the JSON data."""
     torch.manual_seed(0)
     started = time.time()
-    rows = Evaluator(plan, log).run()
+    # the report is rewritten after each section: a run stopped midway keeps the sections it finished
+    rows = WorldEvaluator(plan, log).run(
+        lambda rows: write_report(plan, rows, time.time() - started, command)
+    )
     return write_report(plan, rows, time.time() - started, command)
 
 

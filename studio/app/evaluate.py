@@ -25,16 +25,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
 
-from studio.core.model_paths import demo_model_path
+from studio.core.model_paths import demo_model_name, demo_model_path
 from studio.demo.adherence import chance_levels
 from studio.demo.classifiers import Judges, load_judges
 from studio.demo.concepts import STYLE, SUBJECT, SUBJECT_2
-from studio.demo.world import BACKGROUNDS, WORLD, Sample
+from studio.demo.world import BACKGROUNDS, Sample, World, world_for
+
+ROWS = ("base", "dreambooth", "style", "merge", "orthogonal", "composition", "b_lora")
+# the 128 px world also merges four subjects and asks for two subjects side by side
+ROWS_128 = ROWS + ("orthogonal4", "regional")
 
 
 @dataclass
@@ -43,6 +47,7 @@ class EvalPlan:
 
     out: Path
     family: str = "sd15"
+    image_size: int = 64  # the demo world: 64 (the built-in models) or 128 (the larger world's models)
     model: str | None = None  # another base model folder (default: the family's demo model)
     images: int = 24  # generated images per measurement
     seed: int = 5000  # prompts and noise come from seeds the base model never trained on
@@ -60,7 +65,22 @@ class EvalPlan:
     steps: int = 20  # denoising steps per image
     guidance: float = 7.5
     ziplora_steps: int = 100
-    rows: Sequence[str] = ("base", "dreambooth", "style", "merge", "orthogonal", "composition", "b_lora")
+    rows: Sequence[str] | None = None  # default: every row of the world (ROWS, ROWS_128)
+
+    def __post_init__(self) -> None:
+        world_for(self.image_size)  # a clear error for a size without a world
+        if self.rows is None:
+            self.rows = ROWS_128 if self.image_size == 128 else ROWS
+
+    @property
+    def world(self) -> World:
+        """The world the plan measures in (its scenes, LoRA sets and judges)."""
+        return world_for(self.image_size)
+
+    @property
+    def singles(self) -> World:
+        """The world without its two-shape scenes: prompts whose every attribute one judge can read."""
+        return replace(self.world, pair_share=0.0)
 
     @classmethod
     def quick(cls, out: Path, **overrides) -> EvalPlan:
@@ -95,10 +115,10 @@ def subject_prompts(plan: EvalPlan, subject: dict, style: str | None = None) -> 
 
 
 def world_prompts(plan: EvalPlan, style: str | None = None) -> tuple[list[str], list]:
-    """Canonical captions of base-world specs (optionally with a style word) and the specs."""
-    specs = WORLD.sample(plan.seed, plan.images, "base")
+    """Canonical captions of one-shape base-world specs (optionally with a style word) and the specs."""
+    specs = plan.singles.sample(plan.seed, plan.images, "base")
     suffix = f", {style} style" if style else ""
-    return [WORLD.caption(s).split(",")[0] + suffix for s in specs], specs
+    return [plan.world.caption(s).split(",")[0] + suffix for s in specs], specs
 
 
 def subject_style_metrics(
@@ -123,16 +143,20 @@ class Evaluator:
 
         self.plan = plan
         self.log = log
-        self.model = plan.model or str(demo_model_path(plan.family))
+        self.world = plan.world
+        self.model = plan.model or str(demo_model_path(demo_model_name(plan.family, plan.image_size)))
         self.work = plan.out / "work"
         self.work.mkdir(parents=True, exist_ok=True)
-        self.judges: Judges = load_judges()
+        self.judges: Judges = load_judges(image_size=plan.image_size)
         self.service = GenerationService()
         self.loras: dict[str, Path] = {}
 
     # ---------------------------------------------------------------- primitives
-    def generate(self, prompts: Sequence[str], loras: Sequence[tuple[Path, float]] = (), **extra) -> list:
-        """One image per prompt through the product's generation path, seeds plan.seed + i."""
+    def generate(
+        self, prompts: Sequence[str], loras: Sequence[tuple[Path, float]] = (), per_image=(), **extra
+    ) -> list:
+        """One image per prompt through the product's generation path, seeds plan.seed + i; `per_image`
+        holds options of each image (its regions), `extra` those of all."""
         from studio.core.options import build_config
         from studio.generation import GenerateConfig, LoraSpec
 
@@ -147,13 +171,14 @@ class Evaluator:
                     "seed": self.plan.seed + i,
                     "steps": self.plan.steps,
                     "cfg": self.plan.guidance,
-                    "width": 64,
-                    "height": 64,
+                    "width": self.plan.image_size,
+                    "height": self.plan.image_size,
                     "device": "cpu",
                     "dtype": "fp32",
                     "fuse": "off",
                 }
-                | extra,
+                | extra
+                | (per_image[i] if per_image else {}),
             )
             images.extend(r.image for r in self.service.generate(cfg, save=False))
         return images
@@ -187,10 +212,10 @@ class Evaluator:
             "output_name": name,
             "overwrite": True,
             "save_dtype": "fp32",
-            "resolution": 64,
+            "resolution": p.image_size,
             "bucket_step": 64,
             "min_bucket_reso": 64,
-            "max_bucket_reso": 64,
+            "max_bucket_reso": p.image_size,
             "rank": p.lora_rank,
             "alpha": p.lora_rank,
             "learning_rate": p.lora_lr,
@@ -221,9 +246,10 @@ class Evaluator:
 
     # ---------------------------------------------------------------- LoRAs used by several rows
     def subject_lora(
-        self, subject: dict = SUBJECT, prior: bool = False, method: str = "dreambooth", **kw
+        self, subject: dict = SUBJECT, prior: bool = False, method: str = "dreambooth", tag: str = "", **kw
     ) -> Path:
-        samples = WORLD.dreambooth_set(
+        """The subject's DreamBooth (or orthogonal) LoRA; `tag` names a variant trained with other `kw`."""
+        samples = self.world.dreambooth_set(
             n=self.plan.train_images, shape=subject["shape"], colour=subject["colour"], token=subject["token"]
         )
         data = self.write_set(f"subject_{subject['shape']}", samples)
@@ -236,11 +262,11 @@ class Evaluator:
                 "num_class_images": self.plan.class_images,
                 "class_generation_steps": self.plan.steps,
             }
-        name = f"{method}_{subject['shape']}" + ("_prior" if prior else "")
+        name = f"{method}_{subject['shape']}" + ("_prior" if prior else "") + tag
         return self.train(name, method, data, **options)
 
     def style_lora(self) -> Path:
-        data = self.write_set(f"style_{STYLE}", WORLD.style_set(STYLE, n=self.plan.style_images))
+        data = self.write_set(f"style_{STYLE}", self.world.style_set(STYLE, n=self.plan.style_images))
         return self.train(
             f"style_{STYLE}", "style", data, max_steps=self.plan.style_steps,
             caption_dropout_rate=self.plan.style_caption_dropout,
@@ -283,7 +309,7 @@ class Evaluator:
         specs = world_prompts(self.plan)[1]
         chance = chance_levels(specs)
         row.note = "chance: " + ", ".join(f"{a} {chance[a]:.2f}" for a in ("shape", "colour", "background"))
-        real = self.judge([WORLD.render(s) for s in specs])
+        real = self.judge([self.world.render(s) for s in specs])
         ceiling = sum(p == s.shape for p, s in zip(real["shape"], specs)) / len(specs)
         row.note += f"; judges on the real renders: shape {ceiling:.2f}"
         return [row]
@@ -328,21 +354,25 @@ class Evaluator:
         return rows
 
     def rows_orthogonal(self) -> list[Row]:
-        """Two subjects, each alone and after merging: orthogonal LoRAs summed, ordinary LoRAs summed (the
-        exact sum), and the same ordinary LoRAs merged by gradient fusion and by ZipLoRA."""
-        subjects = (SUBJECT, SUBJECT_2)
+        return self.concept_rows("orthogonal", (SUBJECT, SUBJECT_2))
+
+    def concept_rows(self, section: str, subjects: Sequence[dict]) -> list[Row]:
+        """Subjects each alone and after merging them all: orthogonal LoRAs summed, ordinary LoRAs summed
+        (the exact sum), and the same ordinary LoRAs merged by gradient fusion and by ZipLoRA."""
+        k = len(subjects)
+        tag = "" if k == 2 else f"_of{k}"  # LoRA and merge names (two subjects keep their first names)
         rows: list[Row] = []
         files: dict[str, list[Path]] = {}
-        ortho = {"ortho_num_concepts": 2, "max_steps": self.plan.ortho_steps}
+        ortho = {"ortho_num_concepts": k, "max_steps": self.plan.ortho_steps}
         for kind, method in (("orthogonal", "orthogonal"), ("ordinary", "dreambooth")):
-            extra = [{"ortho_slice": i} | ortho if kind == "orthogonal" else {} for i in range(len(subjects))]
+            extra = [{"ortho_slice": i, "tag": tag} | ortho if kind == "orthogonal" else {} for i in range(k)]
             files[kind] = [self.subject_lora(s, method=method, **e) for s, e in zip(subjects, extra)]
-            merged = self.merge(f"{kind}_sum", "orthogonal" if kind == "orthogonal" else "concat",
+            merged = self.merge(f"{kind}_sum{tag}", "orthogonal" if kind == "orthogonal" else "concat",
                                 [f"{f}:1.0" for f in files[kind]])  # fmt: skip
             for subject, alone in zip(subjects, files[kind]):
-                rows.append(self.subject_row("orthogonal", f"{kind}: {subject['shape']} alone", [(alone, 1.0)],
+                rows.append(self.subject_row(section, f"{kind}: {subject['shape']} alone", [(alone, 1.0)],
                                              subject))  # fmt: skip
-                rows.append(self.subject_row("orthogonal", f"{kind}: {subject['shape']} after sum",
+                rows.append(self.subject_row(section, f"{kind}: {subject['shape']} after sum",
                                              [(merged, 1.0)], subject))  # fmt: skip
         sources = [f"{f}:1.0" for f in files["ordinary"]]
         prompts = [f"a {s['token']} shape" for s in subjects]
@@ -352,32 +382,24 @@ class Evaluator:
             ("fusion", "fusion", {"references": data}),
             ("ZipLoRA", "ziplora", {"steps": self.plan.ziplora_steps}),
         ):
-            merged = self.merge(f"subjects_{method}", method, sources, model=self.model, prompts=prompts,
+            merged = self.merge(f"subjects_{method}{tag}", method, sources, model=self.model, prompts=prompts,
                                 device="cpu", **options)  # fmt: skip
             for subject in subjects:
-                rows.append(self.subject_row("orthogonal", f"{kind}: {subject['shape']} after merge",
+                rows.append(self.subject_row(section, f"{kind}: {subject['shape']} after merge",
                                              [(merged, 1.0)], subject))  # fmt: skip
         return rows
-
-    def rows_composition(self) -> list[Row]:
-        loras = [(self.subject_lora(), 1.0), (self.style_lora(), 1.0)]
-        return [
-            self.subject_row("composition", "mode merge", loras, style=STYLE, mode="merge"),
-            self.subject_row("composition", "mode switch (tau 2)", loras, style=STYLE, mode="switch", tau=2),
-            self.subject_row("composition", "mode composite", loras, style=STYLE, mode="composite"),
-        ]
 
     def rows_b_lora(self) -> list[Row]:
         """B-LoRA on the SDXL demo model: one image of the subject, one image in the style, then content
         alone, style alone and content of one with style of the other (the paper's transfers)."""
         if self.plan.family != "sdxl":
             return [Row("b_lora", "content / style / mixed transfer", {}, note="run with --family sdxl")]
-        subject_image = WORLD.dreambooth_set(n=1, shape=SUBJECT["shape"], colour=SUBJECT["colour"])[0]
-        style_spec = WORLD.style_set(STYLE, n=1)[0].spec
+        subject_image = self.world.dreambooth_set(n=1, shape=SUBJECT["shape"], colour=SUBJECT["colour"])[0]
+        style_spec = self.world.style_set(STYLE, n=1)[0].spec
         files = {}
         for name, image, token in (
             ("content", subject_image.image, "sks"),
-            ("style", WORLD.render(style_spec), "zwx"),
+            ("style", self.world.render(style_spec), "zwx"),
         ):
             data = self.write_set(f"b_lora_{name}", [Sample(image, f"a {token}", None)])
             self.train(f"b_lora_{name}", "b_lora", data, prompt=f"a {token}", use_captions=False, split=True)
@@ -385,14 +407,14 @@ class Evaluator:
         content = f"{files['content']}_content.safetensors"
         style = f"{files['style']}_style.safetensors"
         backgrounds = _backgrounds(self.plan, (SUBJECT["colour"],))
-        specs = WORLD.sample(self.plan.seed, self.plan.images, "base")
+        specs = self.plan.singles.sample(self.plan.seed, self.plan.images, "base")
         cases = {
             "content only (sks)": (
                 [f"a sks shape on a {bg} background" for bg in backgrounds],
                 {"b_lora_content": content},
             ),
             "style only (zwx)": (
-                [WORLD.caption(s).split(",")[0] + ", zwx style" for s in specs],
+                [self.world.caption(s).split(",")[0] + ", zwx style" for s in specs],
                 {"b_lora_style": style},
             ),
             "content sks + style zwx": (
@@ -408,11 +430,13 @@ class Evaluator:
             )
         return rows
 
-    def run(self) -> list[Row]:
+    def run(self, done: Callable[[list[Row]], None] = lambda rows: None) -> list[Row]:
+        """Every section of the plan; `done` gets the rows so far after each section."""
         rows: list[Row] = []
         for name in self.plan.rows:
             self.log(f"{name} ...")
             started = time.time()
             rows.extend(getattr(self, f"rows_{name}")())
             self.log(f"{name}: {time.time() - started:.0f} s")
+            done(rows)
         return rows

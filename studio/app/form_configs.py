@@ -197,6 +197,7 @@ def generate_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = 
             "out": ws.outputs,
             "regions": regions_from_rows(ws, values.get("regions")),
             "region_base": 0.2 if values.get("region_base") is None else float(values["region_base"]),
+            "region_mode": values.get("region_mode") or "mask",
             **b_lora,
         },
     )

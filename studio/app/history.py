@@ -73,6 +73,7 @@ def reuse(ws: Workspace, name: str) -> dict[str, Any]:
         "size": r.get("width") or 0,
         "regions": rows_from_record(r.get("regions", []), lambda p: _relative(ws, p)),
         "region_base": r.get("region_base", 0.2),
+        "region_mode": r.get("region_mode", "mask"),
     }
 
 

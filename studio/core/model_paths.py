@@ -24,6 +24,16 @@ DEMO_MODELS = {
 }
 
 
+def demo_model_name(family: str, image_size: int = 64) -> str:
+    """The demo model of a family and world size: ("sd15", 128) -> "sd15-128"."""
+    for name, key in DEMO_MODELS.items():
+        if key == (family, image_size):
+            return name
+    check_family(family)
+    sizes = sorted({size for _, size in DEMO_MODELS.values()})
+    raise ConfigError(f"no {family} demo model at {image_size} px; choose {' or '.join(map(str, sizes))}")
+
+
 def demo_model_path(name: str = "sd15") -> Path:
     """The diffusers folder of a built-in demo model: "sd15", "sdxl" (64 px), "sd15-128" or "sdxl-128".
 

@@ -21,7 +21,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +32,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from studio.core.errors import StudioError
-from studio.demo.world import ATTRIBUTES, IMAGE_SIZE, WORLD
+from studio.demo.world import IMAGE_SIZE, World, world_for
 
-JUDGES_DIR = Path(__file__).resolve().parent / "weights" / "judges"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+JUDGES_DIR = WEIGHTS_DIR / "judges"
+# the 128 px world's judges also know its two extra held-out subjects; they read images at 64 px too
+JUDGES_DIRS = {64: JUDGES_DIR, 128: WEIGHTS_DIR / "judges-128"}
 WEIGHTS_NAME = "judges.safetensors"
 CONFIG_NAME = "config.json"
 
@@ -108,14 +111,15 @@ def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def load_judges(path: str | Path | None = None) -> Judges:
-    """Load judges from `path` (default: the shipped ones). Raises StudioError if they are missing."""
-    folder = Path(path) if path is not None else JUDGES_DIR
+def load_judges(path: str | Path | None = None, image_size: int = IMAGE_SIZE) -> Judges:
+    """Load judges from `path` (default: the shipped ones of the `image_size` px world). Raises StudioError
+    if they are missing."""
+    folder = Path(path) if path is not None else JUDGES_DIRS[world_for(image_size).image_size]
     weights, config = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     if not weights.is_file() or not config.is_file():
         raise StudioError(
             f"World judges not found in {folder}. Train them with "
-            f"`python -m studio.demo.classifiers train --out {folder}`."
+            f"`python -m studio.demo.classifiers train --out {folder} --world {image_size}`."
         )
     meta = json.loads(config.read_text())
     model = WorldJudge(meta["classes"], width=meta["width"])
@@ -132,14 +136,19 @@ def judge(
 
 
 # -------------------------------------------------------------------------------------------- training
-def render_dataset(seed: int, n: int, split: str = "all") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Render `n` world images as uint8 (n, 3, 64, 64) with integer labels per attribute."""
-    specs = WORLD.sample(seed, n, split)
-    images = torch.from_numpy(np.stack([np.asarray(WORLD.render(s)) for s in specs])).permute(0, 3, 1, 2)
+def render_dataset(
+    seed: int, n: int, split: str = "all", world: World | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Render `n` one-shape scenes of `world` as uint8 (n, 3, 64, 64) with integer labels per attribute
+    (drawn at the judges' 64 px, whatever the world's size: the same designs at half the detail)."""
+    world = replace(world or world_for(IMAGE_SIZE), pair_share=0.0)
+    specs = world.sample(seed, n, split)
+    images = [np.asarray(world.render(s, size=IMAGE_SIZE)) for s in specs]
     labels = {
         name: torch.tensor([classes.index(getattr(s, name)) for s in specs])
-        for name, classes in ATTRIBUTES.items()
+        for name, classes in world.attributes().items()
     }
+    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     return images.contiguous(), labels
 
 
@@ -167,15 +176,26 @@ def evaluate(model: WorldJudge, images: torch.Tensor, labels: dict[str, torch.Te
     return {name: c / len(images) for name, c in correct.items()}
 
 
-def train(out: Path, seed: int, n_train: int, minutes: float, batch: int, lr: float, width: int) -> dict:
-    """Train the judges, evaluate on held-out seeds, save safetensors + config. Returns the metadata."""
+def train(
+    out: Path,
+    seed: int,
+    n_train: int,
+    minutes: float,
+    batch: int,
+    lr: float,
+    width: int,
+    image_size: int = 64,
+) -> dict:
+    """Train the judges of the `image_size` px world, evaluate on held-out seeds, save safetensors + config.
+    Returns the metadata."""
     torch.manual_seed(seed)
     random.seed(seed)
     gen = torch.Generator().manual_seed(seed)
     started = time.time()
-    images, labels = render_dataset(seed, n_train)
-    test_images, test_labels = render_dataset(seed + 100_000, 4000)
-    model = WorldJudge(ATTRIBUTES, width=width)
+    world = world_for(image_size)
+    images, labels = render_dataset(seed, n_train, world=world)
+    test_images, test_labels = render_dataset(seed + 100_000, 4000, world=world)
+    model = WorldJudge(world.attributes(), width=width)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     budget, step = minutes * 60, 0
     while time.time() - started < budget:
@@ -206,8 +226,9 @@ def train(out: Path, seed: int, n_train: int, minutes: float, batch: int, lr: fl
     }
     save_file(state, str(out / WEIGHTS_NAME))
     meta = {
-        "classes": {k: list(v) for k, v in ATTRIBUTES.items()},
+        "classes": {k: list(v) for k, v in world.attributes().items()},
         "width": width,
+        "world": image_size,
         "seed": seed,
         "train_images": n_train,
         "train_split": "all",
@@ -225,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the demo-world judges.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
-    t.add_argument("--out", type=Path, default=JUDGES_DIR, help="output folder")
+    t.add_argument("--out", type=Path, default=None, help="output folder (default: the world's shipped one)")
+    t.add_argument("--world", type=int, default=IMAGE_SIZE, help="the demo world: 64 or 128 px")
     t.add_argument("--seed", type=int, default=0, help="seed for data and weights")
     t.add_argument("--images", type=int, default=30000, help="training images (split 'all')")
     t.add_argument("--minutes", type=float, default=6.0, help="training time budget")
@@ -235,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    meta = train(args.out, args.seed, args.images, args.minutes, args.batch, args.lr, args.width)
+    out = args.out or JUDGES_DIRS[world_for(args.world).image_size]
+    meta = train(out, args.seed, args.images, args.minutes, args.batch, args.lr, args.width, args.world)
     print(json.dumps(meta["test"], indent=2))
 
 

@@ -283,6 +283,14 @@ class World:
             )
         return image
 
+    @staticmethod
+    def pair_halves(image: Image.Image) -> tuple[Image.Image, Image.Image]:
+        """The left and right side of a two-shape scene as square crops (the middle half of each side's
+        height), where each side's shape is as large as a one-shape scene's: what the judges read per side."""
+        w, h = image.size
+        top, bottom = h // 4, h - h // 4
+        return image.crop((0, top, w // 2, bottom)), image.crop((w - w // 2, top, w, bottom))
+
     def render_samples(self, specs: list[Spec]) -> list[Sample]:
         """Render specs with their canonical captions."""
         return [Sample(self.render(s), self.caption(s), s) for s in specs]

@@ -190,6 +190,8 @@ class RegionalSampler:
     The blend is of whole predictions (Regional Prompter's latent mode, ComfyUI's masked area conditioning)
     rather than of cross-attention outputs, because a region's LoRA changes every layer it adapts: only
     the region's own prediction keeps that change inside the box. One UNet call per branch and step.
+    With `area`, a region's branch sees only its box of the latents, as a picture of its own (ComfyUI's
+    Conditioning (Set Area)): what its prompt asks for is drawn whole inside the box, at the box's size.
     """
 
     def __init__(
@@ -198,8 +200,10 @@ class RegionalSampler:
         conds: Sequence[Conditioning],
         boxes: Sequence[tuple[float, float, float, float]],
         base: float,
+        area: bool = False,
     ):
         self.activate, self.conds, self.boxes, self.base = activate, list(conds), list(boxes), base
+        self.area = area
         self.trace: list[tuple[str, ...]] = []
         self._masks: torch.Tensor | None = None
 
@@ -208,24 +212,47 @@ class RegionalSampler:
         with forward_replaced(unet, self.forward):
             yield
 
+    def cells(self, height: int, width: int) -> list[tuple[slice, slice]]:
+        """Each box as (rows, columns) of the latent grid (at least one latent pixel each)."""
+        out = []
+        for x0, y0, x1, y1 in self.boxes:
+            top, left = min(int(y0 * height), height - 1), min(int(x0 * width), width - 1)
+            bottom, right = max(round(y1 * height), top + 1), max(round(x1 * width), left + 1)
+            out.append((slice(top, bottom), slice(left, right)))
+        return out
+
     def masks(self, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
-        """(regions, 1, 1, height, width) boxes on the latent grid (at least one latent pixel each)."""
+        """(regions, 1, 1, height, width) boxes on the latent grid."""
         if self._masks is None or self._masks.shape[-2:] != (height, width):
             masks = torch.zeros(len(self.boxes), 1, 1, height, width)
-            for mask, (x0, y0, x1, y1) in zip(masks, self.boxes):
-                top, left = min(int(y0 * height), height - 1), min(int(x0 * width), width - 1)
-                bottom, right = max(round(y1 * height), top + 1), max(round(x1 * width), left + 1)
-                mask[..., top:bottom, left:right] = 1.0
+            for mask, (rows, cols) in zip(masks, self.cells(height, width)):
+                mask[..., rows, cols] = 1.0
             self._masks = masks
         return self._masks.to(like.device, like.dtype)
+
+    def region_pred(self, original: Callable, cond: Conditioning, inputs: dict, cell) -> torch.Tensor:
+        """A region's prediction over the whole grid: of the whole picture, or (area) of its box alone,
+        placed in the box (zeros elsewhere, where its mask is 0)."""
+        if not self.area:
+            return original(**_with_conditioning(cond, inputs), return_dict=False)[0]
+        rows, cols = cell
+        sample = inputs["sample"]
+        crop = original(
+            **_with_conditioning(cond, dict(inputs, sample=sample[..., rows, cols])), return_dict=False
+        )[0]
+        pred = torch.zeros_like(sample)
+        pred[..., rows, cols] = crop
+        return pred
 
     def forward(self, original: Callable, *args, **kwargs):
         inputs = _unet_kwargs(args, kwargs)
         return_dict = inputs.pop("return_dict", True)
-        preds = []
-        for branch, cond in enumerate(self.conds):
+        self.activate(0)
+        preds = [original(**_with_conditioning(self.conds[0], inputs), return_dict=False)[0]]
+        cells = self.cells(*inputs["sample"].shape[-2:])
+        for branch, (cond, cell) in enumerate(zip(self.conds[1:], cells), start=1):
             self.activate(branch)
-            preds.append(original(**_with_conditioning(cond, inputs), return_dict=False)[0])
+            preds.append(self.region_pred(original, cond, inputs, cell))
         self.activate(0)
         self.trace.append(tuple(str(i) for i in range(len(preds))))
         glob, regional = preds[0], torch.stack(preds[1:])

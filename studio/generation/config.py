@@ -177,6 +177,11 @@ class GenerateConfig:
     region_base: float = option(
         0.2, "regions: share of the global prompt's prediction kept inside each region", min=0.0, max=1.0
     )
+    region_mode: Literal["mask", "area"] = option(
+        "mask",
+        "regions: mask = each region's prompt sees the whole picture, kept inside its box (Regional Prompter's "
+        "latent mode); area = each box is drawn as a picture of its own (ComfyUI's Conditioning (Set Area))",
+    )
 
     def __post_init__(self) -> None:
         self.loras = [_as_spec(v) for v in (self.loras or [])]
@@ -247,6 +252,7 @@ def _record_values(record: dict) -> dict:
         "fuse": "on" if record["fused"] else "off",
         "regions": [_region_from_record(r) for r in record.get("regions", [])],
         "region_base": record.get("region_base", 0.2),
+        "region_mode": record.get("region_mode", "mask"),
         **{k: record[k] for k in ("mode", "tau", "composite_batched", "scheduler", "steps", "cfg")},
         **{k: record[k] for k in ("width", "height", "clip_skip", "device", "dtype")},
     }

@@ -275,8 +275,9 @@ class GenerationEngine:
             activate(branch)
             embeds.append(self.encode(cfg, cfg_on, prompt=prompt))
         router = RegionalSampler(
-            activate, [e.unet_conditioning(cfg_on) for e in embeds], boxes, cfg.region_base
-        )
+            activate, [e.unet_conditioning(cfg_on) for e in embeds], boxes, cfg.region_base,
+            area=cfg.region_mode == "area",
+        )  # fmt: skip
         try:
             with router.installed(self.pipe.unet):
                 return _picture(self.pipe(**embeds[0].pipeline_kwargs(), **call).images[0])
@@ -357,7 +358,7 @@ class GenerationEngine:
             if adapter is not None:
                 lora = {"path": str(adapter.path), "sha256": adapter.sha256, "weight": region.lora.weight}
             regions.append({"box": list(region.box), "prompt": region.prompt, "lora": lora})
-        return {"regions": regions, "region_base": cfg.region_base}
+        return {"regions": regions, "region_base": cfg.region_base, "region_mode": cfg.region_mode}
 
 
 def _picture(pixels: np.ndarray) -> Image.Image:

@@ -71,6 +71,8 @@ def parameters_text(record: dict[str, Any]) -> str:
     if record.get("regions"):
         fields.append(("Regions", '"' + " | ".join(_region_text(r) for r in record["regions"]) + '"'))
         fields.append(("Region base", f"{record.get('region_base', 0.2):g}"))
+        if record.get("region_mode", "mask") != "mask":
+            fields.append(("Region mode", record["region_mode"]))
     if record.get("studio_version"):
         fields.append(("Version", f"lora-studio {record['studio_version']}"))
     lines.append(", ".join(f"{key}: {value}" for key, value in fields))

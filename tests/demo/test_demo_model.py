@@ -45,6 +45,22 @@ def test_unreadable_record_fails_before_evaluating(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_each_world_has_its_rows_and_names_them_when_asked_for_another(tmp_path, capsys):
+    from studio.app.evaluate import ROWS, ROWS_128, EvalPlan
+    from studio.core.errors import ConfigError
+    from studio.core.model_paths import demo_model_name
+
+    assert EvalPlan(out=tmp_path).rows == ROWS and "regional" not in ROWS
+    assert EvalPlan(out=tmp_path, image_size=128).rows == ROWS_128
+    assert {"orthogonal4", "regional"} <= set(ROWS_128)
+    assert demo_model_name("sd15", 128) == "sd15-128" and demo_model_name("sdxl") == "sdxl"
+    with pytest.raises(ConfigError, match="64 or 128"):
+        EvalPlan(out=tmp_path, image_size=96)
+    assert main(["eval", "--rows", "regional", "--out", str(tmp_path / "out")]) != 0
+    assert "regional" not in capsys.readouterr().err.split("choose from")[1]
+    assert not (tmp_path / "out").exists()
+
+
 def test_check_against_flags_drops_only():
     recorded = {"rows": [{"section": "s", "case": "c", "metrics": {"subject": 0.8, "style": 0.5}}]}
     measured = {"rows": [{"section": "s", "case": "c", "metrics": {"subject": 0.4, "style": 0.9}}]}

@@ -92,12 +92,14 @@ def test_regions_are_drawn_recorded_and_reused(client, studio_app):
     rows = {"headers": ["x0", "y0", "x1", "y1", "prompt", "LoRA", "weight"],
             "data": [[0, 0, 0.5, 1, "a red circle", "", 1.0], [0.5, 0, 1, 1, "", "", 1.0]]}  # fmt: skip
     _, info = client.predict(prompt="a green square on a white background", steps=2, seed=5, regions=rows,
-                             region_base=0.3, api_name="/generate")  # fmt: skip
+                             region_base=0.3, region_mode="area", api_name="/generate")  # fmt: skip
     made = info.rsplit(": ", 1)[1].strip()
     record = read_record(services.workspace.outputs / made)
     assert [r["prompt"] for r in record["regions"]] == ["a red circle"] and record["region_base"] == 0.3
+    assert record["region_mode"] == "area"
     fields = dict(zip(("prompt", "negative_prompt", "model", "loras", "weights", "mode", "steps", "cfg", "seed",
-                       "size", "regions", "region_base"), client.predict(name=made, api_name="/reuse")))  # fmt: skip
+                       "size", "regions", "region_base", "region_mode"), client.predict(name=made, api_name="/reuse")))  # fmt: skip
+    assert fields["region_mode"] == "area"
     assert [row[:5] for row in fields["regions"]["data"]] == [[0, 0, 0.5, 1, "a red circle"]]
     with pytest.raises(Exception, match="region row 1"):
         bad = {**rows, "data": [["left", 0, 0.5, 1, "a red circle", "", 1.0]]}

@@ -49,7 +49,7 @@ def compare(services, values: dict) -> tuple[str, str]:
 
 
 REUSED = ("prompt", "negative_prompt", "model", "loras", "weights", "mode", "steps", "cfg", "seed", "size",
-          "regions", "region_base")  # fmt: skip
+          "regions", "region_base", "region_mode")  # fmt: skip
 
 
 def build(services) -> dict[str, gr.components.Component]:
@@ -77,7 +77,7 @@ def build(services) -> dict[str, gr.components.Component]:
                         b_style = gr.Dropdown(
                             ws.lora_files(), value=None, allow_custom_value=True, label="Style from"
                         )
-                regions, region_base = _regions(ws)
+                regions, region_base, region_mode = _regions(ws)
                 with gr.Accordion("Settings", open=False):
                     with gr.Row():
                         steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
@@ -93,7 +93,7 @@ def build(services) -> dict[str, gr.components.Component]:
         form = Form(
             prompt=prompt, negative_prompt=negative, model=model, loras=loras, weights=weights, mode=mode,
             steps=steps, cfg=cfg, seed=seed, size=size, count=count, b_lora_content=b_content,
-            b_lora_style=b_style, regions=regions, region_base=region_base,
+            b_lora_style=b_style, regions=regions, region_base=region_base, region_mode=region_mode,
         )  # fmt: skip
         run.click(handler(services, generate, form), form.inputs, [gallery, info], api_name="generate")
         _history(services, form)
@@ -101,7 +101,7 @@ def build(services) -> dict[str, gr.components.Component]:
     return {"loras": loras, "b_content": b_content, "b_style": b_style, "weights": weights}
 
 
-def _regions(ws) -> tuple[gr.Dataframe, gr.Slider]:
+def _regions(ws) -> tuple[gr.Dataframe, gr.Slider, gr.Radio]:
     """A prompt (and a LoRA) per box: typed in a table, drawn over the canvas as they are typed."""
     with gr.Accordion("Regions: a prompt (and a LoRA) per box of the image", open=False):
         gr.Markdown(
@@ -117,9 +117,14 @@ def _regions(ws) -> tuple[gr.Dataframe, gr.Slider]:
             )  # fmt: skip
             canvas = gr.Image(value=preview(BLANK_ROWS), label="Boxes over the canvas", interactive=False,
                               height=200, scale=1)  # fmt: skip
-        base = gr.Slider(0, 1, value=0.2, step=0.05, label="Global prompt kept inside the boxes")
+        with gr.Row():
+            base = gr.Slider(0, 1, value=0.2, step=0.05, label="Global prompt kept inside the boxes")
+            mode = gr.Radio(
+                [("each box sees the whole picture (mask)", "mask"), ("each box is a picture of its own (area)", "area")],
+                value="mask", label="Regions drawn as", elem_id="generate-region-mode",
+            )  # fmt: skip
         table.change(preview, table, canvas, api_name=False, show_progress="hidden")
-    return table, base
+    return table, base, mode
 
 
 def _history(services, form: Form) -> None:

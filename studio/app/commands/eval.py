@@ -3,6 +3,7 @@
 Examples:
   lora-studio eval --out eval-report                 # the full table (about 15 minutes on 2 CPU cores)
   lora-studio eval --quick --out /tmp/eval           # a few images per row
+  lora-studio eval --world 128 --out eval-128        # the larger world: four subjects, two-subject scenes
   lora-studio eval --quick --check bench/results/eval_sd15.json   # fail if a number fell below the record
 """
 
@@ -25,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("eval-report"), help="folder for eval.md/json/grid")
     p.add_argument("--family", default="sd15", choices=("sd15", "sdxl"), help="which demo model")
+    p.add_argument(
+        "--world", type=int, default=64, choices=(64, 128),
+        help="the demo world: 64 px (the built-in models) or 128 px (four subjects, two-subject scenes)",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="fewer images per row (what CI runs)")
     p.add_argument("--images", type=int, default=None, help="generated images per line")
     p.add_argument("--lora-steps", type=int, default=None, help="training steps of each LoRA")
@@ -38,9 +43,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from studio.app.eval_report import check_against, evaluate
-    from studio.app.evaluate import EvalPlan
+    from studio.app.evaluate import ROWS, ROWS_128, EvalPlan
 
-    overrides = {"family": args.family}
+    overrides = {"family": args.family, "image_size": args.world}
     if args.images is not None:
         overrides["images"] = args.images
     if args.lora_steps is not None:
@@ -48,12 +53,14 @@ def run(args: argparse.Namespace) -> int:
     if args.rows:
         overrides["rows"] = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     plan = EvalPlan.quick(args.out, **overrides) if args.quick else EvalPlan(out=args.out, **overrides)
-    unknown = set(plan.rows) - set(EvalPlan.__dataclass_fields__["rows"].default)
+    known = ROWS_128 if args.world == 128 else ROWS
+    unknown = set(plan.rows) - set(known)
     if unknown:
         raise ConfigError(
-            f"unknown eval rows {sorted(unknown)}; choose from {', '.join(EvalPlan(out=args.out).rows)}"
+            f"unknown eval rows {sorted(unknown)} in the {args.world} px world; choose from {', '.join(known)}"
         )
     flags = [f"--out {args.out}", "--quick" * args.quick, f"--family {args.family}" * (args.family != "sd15")]
+    flags.append(f"--world {args.world}" * (args.world != 64))
     flags += [
         f"--{k.replace('_', '-')} {v}"
         for k, v in vars(args).items()

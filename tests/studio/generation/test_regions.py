@@ -72,6 +72,41 @@ def test_blend_follows_the_boxes():
     assert out[0, 0, 6, 6] == 0.0  # no box: global
 
 
+def test_area_regions_see_only_their_box():
+    """In area mode a region's branch is called on its box of the latents alone; its prediction fills the
+    box and the global one the rest."""
+    seen = []
+
+    def unet(sample, timestep, encoder_hidden_states, return_dict=True):
+        seen.append(tuple(sample.shape[-2:]))
+        return (sample + 1.0,)
+
+    conds = [type("C", (), {"encoder_hidden_states": torch.zeros(1, 3, 4), "text_embeds": None})()] * 2
+    sampler = RegionalSampler(lambda branch: None, conds, [(0.5, 0.0, 1.0, 0.5)], base=0.0, area=True)
+    latents = torch.arange(64.0).reshape(1, 1, 8, 8)
+    out = sampler.forward(unet, latents, 1, encoder_hidden_states=None, return_dict=False)[0]
+    assert seen == [(8, 8), (4, 4)]  # the global prompt on the whole grid, the region on its box
+    assert torch.equal(out, latents + 1.0)
+    boxed = RegionalSampler(lambda branch: None, conds, [(0.5, 0.0, 1.0, 0.5)], base=0.0)
+    boxed.forward(unet, latents, 1, encoder_hidden_states=None, return_dict=False)
+    assert seen[-1] == (8, 8)  # mask mode: every branch sees the whole picture
+
+
+def test_area_and_mask_regions_differ_and_are_recorded(tiny_sd15_dir, loras, tmp_path):
+    a, b = loras
+    service = GenerationService()
+    regions = [f"0,0,0.5,1:a red cat:{b}:0.9"]
+    area = service.generate(cfg(model=str(tiny_sd15_dir), regions=regions, region_mode="area", steps=3,
+                                out=tmp_path / "area"))[0].path  # fmt: skip
+    mask = service.generate(cfg(model=str(tiny_sd15_dir), regions=regions, steps=3), save=False)[0]
+    assert not np.array_equal(pixels(Image.open(area)), pixels(mask))
+    record = read_record(area)
+    assert record["region_mode"] == "area" and "Region mode: area" in Image.open(area).text["parameters"]
+    assert config_from_record(record).region_mode == "area"
+    with pytest.raises(ConfigError, match="region_mode"):
+        cfg(region_mode="crop").check()
+
+
 def test_a_region_over_the_whole_image_is_its_own_generation(gen, loras):
     """With base 0 and one box covering everything, the image is the region's prompt and LoRA alone."""
     a, b = loras
