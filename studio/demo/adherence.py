@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from PIL import Image
 
 from studio.demo.classifiers import Judges, load_judges
-from studio.demo.world import WORLD, Spec
+from studio.demo.world import IMAGE_SIZE, Spec, world_for
 
 JUDGED = ("shape", "colour", "background", "style")
 
@@ -47,16 +48,22 @@ def accuracy(judges: Judges, images: Sequence[Image.Image], specs: Sequence[Spec
 
 @torch.no_grad()
 def generate(
-    pipe, prompts: Sequence[str], seed: int, steps: int = 20, guidance: float = 7.5, batch: int = 8
+    pipe,
+    prompts: Sequence[str],
+    seed: int,
+    steps: int = 20,
+    guidance: float = 7.5,
+    batch: int = 8,
+    size: int = IMAGE_SIZE,
 ) -> list[Image.Image]:
-    """64 px images for `prompts`, batch by batch, each batch with its own seeded generator."""
+    """`size` px images for `prompts`, batch by batch, each batch with its own seeded generator."""
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch):
         gen = torch.Generator().manual_seed(seed + i)
         out = pipe(
             prompt=list(prompts[i : i + batch]),
-            height=64,
-            width=64,
+            height=size,
+            width=size,
             num_inference_steps=steps,
             guidance_scale=guidance,
             generator=gen,
@@ -74,17 +81,20 @@ def measure_adherence(
     guidance: float = 7.5,
     judges: Judges | None = None,
     return_images: bool = False,
+    image_size: int = IMAGE_SIZE,
 ) -> dict:
-    """Generate `n` images for world captions drawn with `seed` and judge them.
+    """Generate `n` images for one-shape captions of the `image_size` px world drawn with `seed` and judge
+    them.
 
     Returns {"accuracy": {...}, "chance": {...}, "real_accuracy": {...}, "seconds_per_image", settings};
     with `return_images` also "images" and "prompts".
     """
-    judges = judges or load_judges()
-    specs = WORLD.sample(seed, n, split)
-    prompts = [WORLD.caption(s) for s in specs]
+    judges = judges or load_judges(image_size=image_size)
+    world = replace(world_for(image_size), pair_share=0.0)
+    specs = world.sample(seed, n, split)
+    prompts = [world.caption(s) for s in specs]
     started = time.time()
-    images = generate(pipe, prompts, seed, steps=steps, guidance=guidance)
+    images = generate(pipe, prompts, seed, steps=steps, guidance=guidance, size=image_size)
     seconds = (time.time() - started) / n
     report = {
         "n": n,
@@ -95,7 +105,7 @@ def measure_adherence(
         "scheduler": type(pipe.scheduler).__name__,
         "accuracy": accuracy(judges, images, specs),
         "chance": chance_levels(specs),
-        "real_accuracy": accuracy(judges, [WORLD.render(s) for s in specs], specs),
+        "real_accuracy": accuracy(judges, [world.render(s) for s in specs], specs),
         "seconds_per_image": round(seconds, 3),
     }
     if return_images:

@@ -22,10 +22,11 @@ from studio.core.model_paths import demo_model_path
 from studio.demo.architectures import train_scheduler
 
 
-def load_demo_pipeline(family: str = "sd15", dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
-    """The demo model as a StableDiffusionPipeline / StableDiffusionXLPipeline, loaded offline."""
-    cls = StableDiffusionPipeline if family == "sd15" else StableDiffusionXLPipeline
-    pipe = cls.from_pretrained(demo_model_path(family), torch_dtype=dtype, local_files_only=True)
+def load_demo_pipeline(name: str = "sd15", dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """A demo model ("sd15", "sdxl", "sd15-128", "sdxl-128") as a StableDiffusionPipeline /
+    StableDiffusionXLPipeline, loaded offline."""
+    cls = StableDiffusionPipeline if name.startswith("sd15") else StableDiffusionXLPipeline
+    pipe = cls.from_pretrained(demo_model_path(name), torch_dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
