@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -39,6 +39,11 @@ from studio.demo.world import BACKGROUNDS, Sample, World, world_for
 ROWS = ("base", "dreambooth", "style", "merge", "orthogonal", "composition", "b_lora")
 # the 128 px world also merges four subjects and asks for two subjects side by side
 ROWS_128 = ROWS + ("orthogonal4", "regional")
+
+
+def world_rows(image_size: int) -> tuple[str, ...]:
+    """Every section `lora-studio eval` has for the world drawn at `image_size` pixels."""
+    return ROWS_128 if image_size == 128 else ROWS
 
 
 @dataclass
@@ -70,7 +75,7 @@ class EvalPlan:
     def __post_init__(self) -> None:
         world_for(self.image_size)  # a clear error for a size without a world
         if self.rows is None:
-            self.rows = ROWS_128 if self.image_size == 128 else ROWS
+            self.rows = world_rows(self.image_size)
 
     @property
     def world(self) -> World:
@@ -80,7 +85,7 @@ class EvalPlan:
     @property
     def singles(self) -> World:
         """The world without its two-shape scenes: prompts whose every attribute one judge can read."""
-        return replace(self.world, pair_share=0.0)
+        return self.world.singles()
 
     @classmethod
     def quick(cls, out: Path, **overrides) -> EvalPlan:

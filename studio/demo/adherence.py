@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 from PIL import Image
@@ -90,7 +89,7 @@ def measure_adherence(
     with `return_images` also "images" and "prompts".
     """
     judges = judges or load_judges(image_size=image_size)
-    world = replace(world_for(image_size), pair_share=0.0)
+    world = world_for(image_size).singles()
     specs = world.sample(seed, n, split)
     prompts = [world.caption(s) for s in specs]
     started = time.time()

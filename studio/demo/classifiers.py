@@ -21,7 +21,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +141,7 @@ def render_dataset(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Render `n` one-shape scenes of `world` as uint8 (n, 3, 64, 64) with integer labels per attribute
     (drawn at the judges' 64 px, whatever the world's size: the same designs at half the detail)."""
-    world = replace(world or world_for(IMAGE_SIZE), pair_share=0.0)
+    world = (world or world_for(IMAGE_SIZE)).singles()
     specs = world.sample(seed, n, split)
     images = [np.asarray(world.render(s, size=IMAGE_SIZE)) for s in specs]
     labels = {

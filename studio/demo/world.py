@@ -17,7 +17,7 @@ Splits: "base" (base shapes x base styles), "holdout_subject" (held-out shapes, 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from PIL import Image
@@ -136,6 +136,10 @@ class World:
     @property
     def styles(self) -> tuple[str, ...]:
         return self.base_styles + self.holdout_styles
+
+    def singles(self) -> World:
+        """This world without its two-shape scenes: scenes whose every attribute one judge can read."""
+        return replace(self, pair_share=0.0)
 
     def attributes(self) -> dict[str, tuple[str, ...]]:
         """What the judges of this world tell apart: every shape, colour, background and style."""

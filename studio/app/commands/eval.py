@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from studio.app.eval_report import check_against, evaluate
-    from studio.app.evaluate import ROWS, ROWS_128, EvalPlan
+    from studio.app.evaluate import EvalPlan, world_rows
 
     overrides = {"family": args.family, "image_size": args.world}
     if args.images is not None:
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rows:
         overrides["rows"] = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     plan = EvalPlan.quick(args.out, **overrides) if args.quick else EvalPlan(out=args.out, **overrides)
-    known = ROWS_128 if args.world == 128 else ROWS
+    known = world_rows(args.world)
     unknown = set(plan.rows) - set(known)
     if unknown:
         raise ConfigError(
