@@ -1,7 +1,8 @@
 """The rows of `lora-studio eval` with several concepts in one picture.
 
 - composition: K = 2 (a subject and a style) in merge, switch and composite modes; in the 128 px world also
-  K = 3 (two subjects asked left and right, and the style) and K = 4 (and a background LoRA);
+  K = 3 in one shape (and a background LoRA), and side by side: K = 3 (two subjects asked left and right,
+  and the style) and K = 4 (and the background LoRA);
 - orthogonal4: four subjects merged (the 128 px world), as the two-subject "orthogonal" rows;
 - regional: two subjects asked left and right, with a region (and its LoRA) per side against the same prompt
   with both LoRAs loaded.
@@ -22,6 +23,12 @@ from studio.demo.world import Pair, Sample
 
 MODES = (("mode merge", {"mode": "merge"}), ("mode switch (tau 2)", {"mode": "switch", "tau": 2}),
          ("mode composite", {"mode": "composite"}))  # fmt: skip
+# Where the regions go: each side's half, or each side's middle square (the crop the judges read,
+# World.pair_halves, where a two-shape scene draws its shapes); (label, (left box, right box), mode)
+HALVES, SQUARES = ("0,0,0.5,1", "0.5,0,1,1"), ("0,0.25,0.5,0.75", "0.5,0.25,1,0.75")
+LAYOUTS = (("mask", HALVES, "mask"), ("area", HALVES, "area"), ("mask, square boxes", SQUARES, "mask"),
+           ("area, square boxes", SQUARES, "area"))  # fmt: skip
+BESIDE = 0.5  # the share of a "shown beside others" subject set with the subject beside another shape
 
 
 class WorldEvaluator(Evaluator):
@@ -81,16 +88,17 @@ class WorldEvaluator(Evaluator):
         }
 
     # ---------------------------------------------------------------- rows
-    def rows_base(self) -> list[Row]:
-        """The base model on one-shape prompts; in the 128 px world also on two-shape prompts, each side
-        judged on its crop (the judges' reading of the real renders' sides in the note)."""
-        rows = super().rows_base()
-        if self.plan.world.pair_share == 0:
-            return rows
+    def base_pairs(self) -> list[Pair]:
+        """The base row's two-shape scenes (held-out seeds): what the base model is asked to draw."""
         scenes = self.world.sample(self.plan.seed, 8 * self.plan.images, "base")
-        pairs = [s for s in scenes if isinstance(s, Pair)][: self.plan.images]
+        return [s for s in scenes if isinstance(s, Pair)][: self.plan.images]
+
+    def base_pair_row(self, section: str, case: str, per_image=(), **extra) -> Row:
+        """The base model on two-shape prompts, each side judged on its crop (the judges' reading of the
+        real renders' sides in the note)."""
+        pairs = self.base_pairs()
         left, right = [p.left.shape for p in pairs], [p.right.shape for p in pairs]
-        images = self.generate([self.world.caption(p) for p in pairs])
+        images = self.generate([self.world.caption(p) for p in pairs], per_image=per_image, **extra)
         hits = self.sides(images, left, right)
         metrics = {name: sum(h) / len(pairs) for name, h in hits.items()}
         metrics["both"] = sum(a and b for a, b in zip(*hits.values())) / len(pairs)
@@ -98,24 +106,49 @@ class WorldEvaluator(Evaluator):
         note = "judges on the real renders' sides: " + ", ".join(
             f"{k} {sum(v) / len(pairs):.2f}" for k, v in real.items()
         )
-        return rows + [Row("base", "base model, two-shape prompts", metrics, images, note)]
+        return Row(section, case, metrics, images, note)
+
+    def rows_base(self) -> list[Row]:
+        """The base model on one-shape prompts; in the 128 px world also on two-shape prompts."""
+        rows = super().rows_base()
+        if self.plan.world.pair_share == 0:
+            return rows
+        return rows + [self.base_pair_row("base", "base model, two-shape prompts")]
 
     def rows_composition(self) -> list[Row]:
-        """K LoRAs in one picture, merged, switched and composited (K = 3, 4 need the 128 px world's
-        two-shape scenes)."""
+        """K LoRAs in one picture, merged, switched and composited: K = 2 a subject and a style; in the
+        128 px world also K = 3 in one shape (and a background LoRA), and side by side (two subjects asked
+        left and right, and the style) K = 3 and K = 4 (and the background LoRA)."""
         subject, style = self.subject_lora(), self.style_lora()
         rows = [self.subject_row("composition", f"K=2: {case}", [(subject, 1.0), (style, 1.0)], style=STYLE,
                                  **mode) for case, mode in MODES]  # fmt: skip
         if self.plan.world.pair_share == 0:
             return rows
+        background = self.background_lora()
+        three = [(subject, 1.0), (style, 1.0), (background, 1.0)]
+        rows += [self.scene_row(f"K=3: {case}", three, **mode) for case, mode in MODES]
         second = self.subject_lora(SUBJECT_2)
-        three = [(subject, 1.0), (second, 1.0), (style, 1.0)]
-        four = three + [(self.background_lora(), 1.0)]
-        for k, loras, background in ((3, three, False), (4, four, True)):
+        pair = [(subject, 1.0), (second, 1.0), (style, 1.0)]
+        for k, loras, with_background in ((3, pair, False), (4, pair + [(background, 1.0)], True)):
             for case, mode in MODES:
-                rows.append(self.pair_row("composition", f"K={k}: {case}", loras, SUBJECT, SUBJECT_2, STYLE,
-                                          background, **mode))  # fmt: skip
+                rows.append(self.pair_row("composition", f"K={k}, side by side: {case}", loras, SUBJECT,
+                                          SUBJECT_2, STYLE, with_background, **mode))  # fmt: skip
         return rows
+
+    def scene_row(self, case: str, loras, **extra) -> Row:
+        """One shape: the subject, in the style, on the background LoRA's word; "both" = all three."""
+        word = f"on a {BACKGROUND['word']} background"
+        images = self.generate([f"a {SUBJECT['token']} shape {word}, {STYLE} style"] * self.plan.images,
+                               loras, **extra)  # fmt: skip
+        verdict = self.judge(images)
+        hits = {
+            "subject": [v == SUBJECT["shape"] for v in verdict["shape"]],
+            "style": [v == STYLE for v in verdict["style"]],
+            "background": [v == BACKGROUND["colour"] for v in verdict["background"]],
+        }
+        metrics = {name: sum(h) / len(images) for name, h in hits.items()}
+        metrics["both"] = sum(all(t) for t in zip(*hits.values())) / len(images)
+        return Row("composition", case, metrics, images)
 
     def rows_orthogonal4(self) -> list[Row]:
         return self.concept_rows("orthogonal4", SUBJECTS_4)
@@ -123,19 +156,33 @@ class WorldEvaluator(Evaluator):
     def rows_regional(self) -> list[Row]:
         """Two subjects asked left and right: a region per side with its LoRA and prompt (the rest follows
         the global prompt, no LoRA), each region seeing the whole picture (mask) or its box alone (area),
-        against the same prompt with both LoRAs loaded."""
-        left, right = self.subject_lora(SUBJECT), self.subject_lora(SUBJECT_2)
-        prompts, backgrounds = self.pair_prompts(SUBJECT, SUBJECT_2)
-        regions = [
-            {"regions": [f"0,0,0.5,1:a {SUBJECT['token']} shape on a {bg} background:{left}:1.0",
-                         f"0.5,0,1,1:a {SUBJECT_2['token']} shape on a {bg} background:{right}:1.0"]}
-            for bg in backgrounds
-        ]  # fmt: skip
-        loras = [(left, 1.0), (right, 1.0)]
-        rows = [self.pair_row("regional", "two subjects, no regions (both LoRAs)", loras, SUBJECT, SUBJECT_2)]
-        for mode in ("mask", "area"):
-            rows.append(self.pair_row("regional", f"two subjects, a region and LoRA per side ({mode})", [],
-                                      SUBJECT, SUBJECT_2, per_image=regions, region_mode=mode))  # fmt: skip
+        against the same prompt with both LoRAs loaded; once with the subjects' LoRAs trained on the subject
+        alone, once on sets where half the images show it beside another shape. Then the base model's own
+        shapes with a region per side against its two-shape row (whether the regions place what the model
+        can draw)."""
+        rows = []
+        _, backgrounds = self.pair_prompts(SUBJECT, SUBJECT_2)
+        for beside, who in ((0.0, "two subjects"), (BESIDE, "two subjects shown beside others")):
+            left, right = (
+                self.subject_lora(SUBJECT, beside=beside),
+                self.subject_lora(SUBJECT_2, beside=beside),
+            )
+            loras = [(left, 1.0), (right, 1.0)]
+            rows.append(
+                self.pair_row("regional", f"{who}, no regions (both LoRAs)", loras, SUBJECT, SUBJECT_2)
+            )
+            for label, boxes, mode in LAYOUTS:
+                per_image = [{"regions": [f"{boxes[0]}:a {SUBJECT['token']} shape on a {bg} background:{left}:1.0",
+                                          f"{boxes[1]}:a {SUBJECT_2['token']} shape on a {bg} background:{right}:1.0"]}
+                             for bg in backgrounds]  # fmt: skip
+                rows.append(self.pair_row("regional", f"{who}, a region and LoRA per side ({label})", [],
+                                          SUBJECT, SUBJECT_2, per_image=per_image, region_mode=mode))  # fmt: skip
+        pairs = self.base_pairs()
+        for label, boxes, mode in LAYOUTS:
+            per_image = [{"regions": [f"{boxes[0]}:{self.world.caption(p.left)}",
+                                      f"{boxes[1]}:{self.world.caption(p.right)}"]} for p in pairs]  # fmt: skip
+            case = f"base model, two-shape prompts, a region per side ({label})"
+            rows.append(self.base_pair_row("regional", case, per_image=per_image, region_mode=mode))
         return rows
 
 

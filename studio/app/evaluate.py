@@ -251,13 +251,16 @@ class Evaluator:
 
     # ---------------------------------------------------------------- LoRAs used by several rows
     def subject_lora(
-        self, subject: dict = SUBJECT, prior: bool = False, method: str = "dreambooth", tag: str = "", **kw
-    ) -> Path:
-        """The subject's DreamBooth (or orthogonal) LoRA; `tag` names a variant trained with other `kw`."""
+        self, subject: dict = SUBJECT, prior: bool = False, method: str = "dreambooth", tag: str = "",
+        beside: float = 0.0, **kw,
+    ) -> Path:  # fmt: skip
+        """The subject's DreamBooth (or orthogonal) LoRA; `tag` names a variant trained with other `kw`;
+        `beside`: the share of its images showing it beside another shape (World.dreambooth_set)."""
         samples = self.world.dreambooth_set(
-            n=self.plan.train_images, shape=subject["shape"], colour=subject["colour"], token=subject["token"]
-        )
-        data = self.write_set(f"subject_{subject['shape']}", samples)
+            n=self.plan.train_images, shape=subject["shape"], colour=subject["colour"], token=subject["token"],
+            beside=beside,
+        )  # fmt: skip
+        data = self.write_set(f"subject_{subject['shape']}" + ("_beside" if beside else ""), samples)
         options = {"prompt": f"a {subject['token']} shape", "use_captions": True} | kw
         if prior:
             options |= {
@@ -267,7 +270,9 @@ class Evaluator:
                 "num_class_images": self.plan.class_images,
                 "class_generation_steps": self.plan.steps,
             }
-        name = f"{method}_{subject['shape']}" + ("_prior" if prior else "") + tag
+        name = (
+            f"{method}_{subject['shape']}" + ("_prior" if prior else "") + ("_beside" if beside else "") + tag
+        )
         return self.train(name, method, data, **options)
 
     def style_lora(self) -> Path:

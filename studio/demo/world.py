@@ -308,14 +308,38 @@ class World:
         colour: str = "red",
         token: str = "sks",
         class_noun: str = "shape",
+        beside: float = 0.0,
     ) -> list[Sample]:
         """A DreamBooth instance set: one subject (a held-out shape in one colour, flat) on varied backgrounds.
 
         Captions read "a sks shape on a blue background"; the matching class prompt is `class_prompt(...)`.
+        With `beside`, that share of the images shows the subject on one side of a two-shape scene, next to a
+        base shape: "a sks shape on the left and a green star on the right, on a blue background".
         """
         rng = random.Random(f"dreambooth:{shape}:{colour}:{seed}")
-        specs = [self.random_spec(rng, (shape,), ("flat",), colours=(colour,)) for _ in range(n)]
-        return [Sample(self.render(s), self.caption(s, subject=f"{token} {class_noun}"), s) for s in specs]
+        name = f"{token} {class_noun}"
+        samples = []
+        for _ in range(n):
+            if beside and rng.random() < beside:  # no draw without `beside`: the plain sets stay as they were
+                scene = self.subject_beside(rng, shape, colour)
+                caption = self.caption(scene).replace(f"{colour} {shape}", name)
+                subject = scene.left if scene.left.shape == shape else scene.right
+                samples.append(Sample(self.render(scene), caption, subject))
+            else:
+                spec = self.random_spec(rng, (shape,), ("flat",), colours=(colour,))
+                samples.append(Sample(self.render(spec), self.caption(spec, subject=name), spec))
+        return samples
+
+    def subject_beside(self, rng: random.Random, shape: str, colour: str) -> Pair:
+        """A flat two-shape scene: the subject on a random side, a base shape in another colour on the other."""
+        places = self.random_pair(rng, self.base_shapes, ("flat",))
+        other = rng.choice([c for c in self.colours if c != colour])
+        background = rng.choice([b for b in self.backgrounds if b not in (colour, other)])
+        one = replace(places.left, shape=shape, colour=colour, background=background)
+        two = replace(places.right, colour=other, background=background)
+        if rng.random() < 0.5:  # the subject on the right: each shape at the other's place
+            one, two = replace(two, cx=one.cx, cy=one.cy), replace(one, cx=two.cx, cy=two.cy)
+        return Pair(one, two)
 
     @staticmethod
     def class_prompt(background: str, class_noun: str = "shape") -> str:

@@ -84,6 +84,28 @@ def test_dreambooth_and_style_sets():
     assert WORLD.style_set("dotted", n=4, seed=2)[0].caption.endswith(", dotted style")
 
 
+def test_a_subject_shown_beside_other_shapes():
+    from studio.demo.world import COLOUR_RGB, WORLD_128
+
+    def yellow_pixels(image):
+        return sum(n for n, c in image.getcolors(1 << 16) if max(abs(a - b) for a, b in zip(c, yellow)) < 30)
+
+    yellow = COLOUR_RGB["yellow"]
+    plain = WORLD_128.dreambooth_set(n=6, shape="moon", colour="yellow", token="zwx")
+    mixed = WORLD_128.dreambooth_set(n=40, shape="moon", colour="yellow", token="zwx", beside=0.5)
+    beside = [s for s in mixed if " on the left and " in s.caption]
+    assert 10 < len(beside) < 30  # about half
+    for sample in beside:
+        assert sample.caption.count("zwx shape") == 1 and "yellow moon" not in sample.caption
+        on_left = sample.caption.startswith("a zwx shape on the left")
+        assert (sample.spec.cx < 0.5) == on_left and sample.spec.shape == "moon"
+        left, right = WORLD_128.pair_halves(sample.image)
+        mine, other = (left, right) if on_left else (right, left)
+        assert yellow_pixels(mine) > 50 and yellow_pixels(other) == 0  # the subject on its side, alone
+    assert all(s.caption == WORLD_128.caption(s.spec, subject="zwx shape") for s in plain)
+    assert WORLD_128.dreambooth_set(n=6, shape="moon", colour="yellow", token="zwx", beside=0.0) == plain
+
+
 def test_bad_names_fail_clearly():
     with pytest.raises(ConfigError, match="split"):
         WORLD.sample(0, 1, "everything")

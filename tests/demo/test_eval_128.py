@@ -18,13 +18,16 @@ def test_regional_rows_of_the_128px_world(tmp_path):
     data = json.loads((tmp_path / "eval.json").read_text())
     assert data["plan"]["image_size"] == 128 and "--world 128" in data["command"]
     rows = {r["case"]: r["metrics"] for r in data["rows"]}
+    layouts = ("mask", "area", "mask, square boxes", "area, square boxes")
+    who = ("two subjects", "two subjects shown beside others")
     assert set(rows) == {
-        "two subjects, no regions (both LoRAs)",
-        "two subjects, a region and LoRA per side (mask)",
-        "two subjects, a region and LoRA per side (area)",
+        *(f"{w}, no regions (both LoRAs)" for w in who),
+        *(f"{w}, a region and LoRA per side ({layout})" for w in who for layout in layouts),
+        *(f"base model, two-shape prompts, a region per side ({layout})" for layout in layouts),
     }
-    for metrics in rows.values():
-        assert set(metrics) == {"left", "right", "background", "both"}
+    for case, metrics in rows.items():
+        sides = {"left", "right", "both"}
+        assert set(metrics) == (sides if case.startswith("base") else sides | {"background"})
         assert all(v in (0.0, 0.5, 1.0) for v in metrics.values())  # two images a line
         assert metrics["both"] <= min(metrics["left"], metrics["right"])
     assert "the 128 px world" in (tmp_path / "eval.md").read_text()
