@@ -14,7 +14,8 @@ picture by the style and background judges.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 from studio.app.evaluate import Evaluator, Row, _backgrounds
@@ -74,10 +75,8 @@ class WorldEvaluator(Evaluator):
         if style:
             hits["style"] = [v == style for v in whole["style"]]
         hits["background"] = [v == bg for v, bg in zip(whole["background"], expected)]
-        required = [h for name, h in hits.items() if name != "background" or background]
-        metrics = {name: sum(h) / len(images) for name, h in hits.items()}
-        metrics["both"] = sum(all(t) for t in zip(*required)) / len(images)
-        return Row(section, case, metrics, images)
+        required = [name for name in hits if name != "background" or background]
+        return Row(section, case, shares(hits, required), images)
 
     def sides(self, images, left: Sequence[str], right: Sequence[str]) -> dict[str, list[bool]]:
         """Whether each image's left and right crops show the shapes asked for on that side."""
@@ -100,13 +99,17 @@ class WorldEvaluator(Evaluator):
         left, right = [p.left.shape for p in pairs], [p.right.shape for p in pairs]
         images = self.generate([self.world.caption(p) for p in pairs], per_image=per_image, **extra)
         hits = self.sides(images, left, right)
-        metrics = {name: sum(h) / len(pairs) for name, h in hits.items()}
-        metrics["both"] = sum(a and b for a, b in zip(*hits.values())) / len(pairs)
-        real = self.sides([self.world.render(p) for p in pairs], left, right)
-        note = "judges on the real renders' sides: " + ", ".join(
+        return Row(section, case, shares(hits, hits), images, self.real_sides_note)
+
+    @cached_property
+    def real_sides_note(self) -> str:
+        """How the judges read the sides of the base pairs' real renders (a two-shape row's ceiling)."""
+        pairs = self.base_pairs()
+        real = self.sides([self.world.render(p) for p in pairs], [p.left.shape for p in pairs],
+                          [p.right.shape for p in pairs])  # fmt: skip
+        return "judges on the real renders' sides: " + ", ".join(
             f"{k} {sum(v) / len(pairs):.2f}" for k, v in real.items()
         )
-        return Row(section, case, metrics, images, note)
 
     def rows_base(self) -> list[Row]:
         """The base model on one-shape prompts; in the 128 px world also on two-shape prompts."""
@@ -146,9 +149,7 @@ class WorldEvaluator(Evaluator):
             "style": [v == STYLE for v in verdict["style"]],
             "background": [v == BACKGROUND["colour"] for v in verdict["background"]],
         }
-        metrics = {name: sum(h) / len(images) for name, h in hits.items()}
-        metrics["both"] = sum(all(t) for t in zip(*hits.values())) / len(images)
-        return Row("composition", case, metrics, images)
+        return Row("composition", case, shares(hits, hits), images)
 
     def rows_orthogonal4(self) -> list[Row]:
         return self.concept_rows("orthogonal4", SUBJECTS_4)
@@ -184,6 +185,14 @@ class WorldEvaluator(Evaluator):
             case = f"base model, two-shape prompts, a region per side ({label})"
             rows.append(self.base_pair_row("regional", case, per_image=per_image, region_mode=mode))
         return rows
+
+
+def shares(hits: dict[str, list[bool]], required: Iterable[str]) -> dict[str, float]:
+    """Each judged element's share of the images, and "both": the share with every `required` one right."""
+    n = len(next(iter(hits.values())))
+    metrics = {name: sum(h) / n for name, h in hits.items()}
+    metrics["both"] = sum(all(t) for t in zip(*(hits[name] for name in required))) / n
+    return metrics
 
 
 def concept_names(subjects: Sequence[dict] = SUBJECTS_4) -> str:

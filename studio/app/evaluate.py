@@ -260,7 +260,8 @@ class Evaluator:
             n=self.plan.train_images, shape=subject["shape"], colour=subject["colour"], token=subject["token"],
             beside=beside,
         )  # fmt: skip
-        data = self.write_set(f"subject_{subject['shape']}" + ("_beside" if beside else ""), samples)
+        variant = "_beside" if beside else ""
+        data = self.write_set(f"subject_{subject['shape']}{variant}", samples)
         options = {"prompt": f"a {subject['token']} shape", "use_captions": True} | kw
         if prior:
             options |= {
@@ -270,9 +271,7 @@ class Evaluator:
                 "num_class_images": self.plan.class_images,
                 "class_generation_steps": self.plan.steps,
             }
-        name = (
-            f"{method}_{subject['shape']}" + ("_prior" if prior else "") + ("_beside" if beside else "") + tag
-        )
+        name = f"{method}_{subject['shape']}" + ("_prior" if prior else "") + variant + tag
         return self.train(name, method, data, **options)
 
     def style_lora(self) -> Path:
