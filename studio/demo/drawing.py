@@ -24,7 +24,7 @@ def contrast_shade(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def pattern(style: str, fg: tuple[int, int, int], big: int, unit: float) -> Image.Image:
-    """A full-canvas fill pattern for striped (diagonal bands) or dotted (grid of dots) shapes."""
+    """A `big` x `big` fill pattern for striped (diagonal bands) or dotted (grid of dots) shapes."""
     shade = contrast_shade(fg)
     pattern = Image.new("RGB", (big, big), fg)
     draw = ImageDraw.Draw(pattern)
@@ -130,21 +130,20 @@ def paint_shape(
 ) -> None:
     """Paint one shape (its outline `points`) in `style` onto `canvas`: fill, outline, shadow or pattern."""
     draw = ImageDraw.Draw(canvas)
-    big = canvas.size[0]
     if style == "shadowed":
         offset = 3.0 * unit
         draw.polygon([(x + offset, y + offset) for x, y in points], fill=mix(bg, (0, 0, 0), 0.55))
     if style == "outlined":
         draw.polygon(points, outline=fg, width=round(3.5 * unit))
     elif style in ("striped", "dotted"):
-        mask = Image.new("L", (big, big), 0)
+        mask = Image.new("L", canvas.size, 0)
         ImageDraw.Draw(mask).polygon(points, fill=255)
-        canvas.paste(pattern(style, fg, big, unit), (0, 0), mask)
+        canvas.paste(pattern(style, fg, max(canvas.size), unit).crop((0, 0, *canvas.size)), (0, 0), mask)
     else:
         draw.polygon(points, fill=fg)
 
 
 def paint_frame(canvas: Image.Image, fg: tuple[int, int, int], unit: float) -> None:
     """The "framed" style: a border round the whole picture."""
-    big = canvas.size[0]
-    ImageDraw.Draw(canvas).rectangle([0, 0, big - 1, big - 1], outline=fg, width=round(5 * unit))
+    width, height = canvas.size
+    ImageDraw.Draw(canvas).rectangle([0, 0, width - 1, height - 1], outline=fg, width=round(5 * unit))

@@ -43,9 +43,11 @@ def encode_text(
     return embeds, second.text_embeds
 
 
-def time_ids(batch: int, size: int = 64) -> torch.Tensor:
-    """SDXL size conditioning: (original h, w, crop top, left, target h, w) for uncropped `size` images."""
-    return torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(batch, 1)
+def time_ids(batch: int, size: int | tuple[int, int] = 64) -> torch.Tensor:
+    """SDXL size conditioning: (original h, w, crop top, left, target h, w) for uncropped `size` (or
+    (width, height)) images."""
+    width, height = (size, size) if isinstance(size, int) else size
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(batch, 1)
 
 
 def assemble_pipeline(family: str, vae: torch.nn.Module, parts: dict) -> DiffusionPipeline:

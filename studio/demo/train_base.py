@@ -4,6 +4,13 @@
     python -m studio.demo.train_base --family sdxl --out studio/demo/weights/sdxl --work /tmp/demo-sdxl \
         --vae-from studio/demo/weights/sd15/vae
 
+--buckets adds one-shape pictures of other sizes (studio/demo/buckets.py), each step taking the next size in
+turn; with --init-from a run starts from a trained pipeline folder (the 128 px model's bucket pass):
+
+    python -m studio.demo.train_base --family sd15 --image-size 128 --out DIR --work DIR \
+        --vae-from studio/demo/weights/sd15/vae --init-from studio/demo/weights/sd15-128 \
+        --buckets 128x128,64x128,128x64,128x128,64x64 --unet-steps 2500 --unet-lr 0.0003
+
 Each phase is resumable: checkpoints go to --work every few minutes and a rerun with the same flags carries on.
 --max-minutes bounds one run of a phase; a phase that stopped early is finished by running the command again.
 The output is a diffusers pipeline folder (fp16 safetensors) with metadata.json recording command and seeds.
@@ -32,6 +39,7 @@ from studio.core.families import TEXT_ENCODERS, check_family
 from studio.core.io import atomic_write_text
 from studio.core.tokenizers import EOS, clip_tokenizer, write_tokenizer_files
 from studio.demo.architectures import build_text_encoders, build_unet, build_vae, train_scheduler
+from studio.demo.buckets import bucket_name, parse_buckets, render_bucket
 from studio.demo.pipelines import assemble_pipeline, encode_text, time_ids
 from studio.demo.world import World, world_for
 
@@ -79,6 +87,9 @@ class TrainPlan:
     caption_dropout: float = 0.1  # share of captions replaced by the empty prompt (for guidance)
     max_minutes: float = 40.0  # per phase and per run; rerun to continue
     threads: int = 1
+    init_from: str | None = None  # start the UNet and text encoders from a trained demo pipeline folder
+    buckets: str = ""  # e.g. "128x128,64x128,128x64,64x64": each step's pictures from the next size in turn
+    bucket_images: int = 4000  # one-shape pictures per bucket of another size than the world's
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -232,6 +243,47 @@ class CaptionIds:
 
 
 # ------------------------------------------------------------------------------------------------ UNet
+def training_sets(plan: TrainPlan, work: Path, vae: AutoencoderKL, world: World) -> list[tuple]:
+    """(latent mean, std, specs, (width, height)) per bucket, in the order steps take them: the world's own
+    scenes (its size, two-shape scenes too) and, with --buckets, one-shape pictures of other sizes.
+    Latents are cached in --work."""
+    sets = []
+    for bucket in parse_buckets(plan.buckets) or [(plan.image_size, plan.image_size)]:
+        own = bucket == (plan.image_size, plan.image_size)
+        name = "latents.safetensors" if own else f"latents_{bucket_name(bucket)}.safetensors"
+        seed = plan.seed + 1 if own else plan.seed + 1 + bucket[0] * 1000 + bucket[1]
+        n = plan.unet_images if own else plan.bucket_images
+        specs = world.sample(seed, n, "base") if own else world.singles().sample(seed, n, "base")
+        if (work / name).is_file():
+            cached = load_file(str(work / name))
+            mean, std = cached["mean"], cached["std"]
+        else:
+            images = (
+                render_images(world, seed, n, "base")[0]
+                if own
+                else render_bucket(world, bucket, seed, n, "base")[0]
+            )
+            mean, std = encode_latents(vae, images)
+            save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(work / name))
+        sets.append((mean, std, specs, bucket))
+    return sets
+
+
+def load_trained(modules: dict[str, torch.nn.Module], folder: Path) -> None:
+    """The UNet and text encoders of a demo pipeline folder (fp16 on disk) into `modules`, as float32."""
+    for key, module in modules.items():
+        files = sorted((folder / key).glob("*.safetensors"))
+        if not files:
+            raise ConfigError(f"--init-from {folder}: no {key} weights there (expected {key}/*.safetensors)")
+        state = {k: v.float() for f in files for k, v in load_file(str(f)).items()}
+        shapes = {k: v.shape for k, v in module.state_dict().items() if "position_ids" not in k}
+        if {k: v.shape for k, v in state.items() if "position_ids" not in k} != shapes:
+            raise ConfigError(
+                f"--init-from {folder}: its {key} has another shape than --family / --image-size ask for"
+            )
+        module.load_state_dict(state, strict=False)
+
+
 def _ema_update(ema: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module], decay: float) -> None:
     with torch.no_grad():
         for prefix, module in modules.items():
@@ -254,6 +306,8 @@ def train_unet(plan: TrainPlan, work: Path, vae: AutoencoderKL) -> dict[str, tor
     modules = {"unet": unet} | {
         f"text_encoder{'' if i == 0 else '_2'}": te for i, te in enumerate(text_encoders)
     }
+    if plan.init_from:
+        load_trained(modules, Path(plan.init_from))
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=plan.unet_lr, weight_decay=0.0)
     ema = {f"{k}.{n}": p.detach().clone() for k, m in modules.items() for n, p in m.named_parameters()}
@@ -265,15 +319,7 @@ def train_unet(plan: TrainPlan, work: Path, vae: AutoencoderKL) -> dict[str, tor
         ema, step, elapsed = ckpt["ema"], ckpt["step"], ckpt["elapsed"]
         print(f"unet: resuming at step {step}", flush=True)
 
-    latents_file = work / "latents.safetensors"
-    if latents_file.is_file():
-        cached = load_file(str(latents_file))
-        mean, std = cached["mean"], cached["std"]
-    else:
-        images, _ = render_images(world, plan.seed + 1, plan.unet_images, "base")
-        mean, std = encode_latents(vae, images)
-        save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(latents_file))
-    specs = world.sample(plan.seed + 1, plan.unet_images, "base")
+    sets = training_sets(plan, work, vae, world)
     scale = vae.config.scaling_factor
     scheduler = train_scheduler()
     alphas = scheduler.alphas_cumprod
@@ -296,6 +342,7 @@ def train_unet(plan: TrainPlan, work: Path, vae: AutoencoderKL) -> dict[str, tor
     for m in modules.values():
         m.train()
     while step < plan.unet_steps and time.time() - started < plan.max_minutes * 60:
+        mean, std, specs, size = sets[step % len(sets)]
         idx = torch.randint(0, len(mean), (plan.unet_batch,), generator=gen)
         x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
         drop = [rng.random() < plan.caption_dropout for _ in idx]
@@ -310,9 +357,7 @@ def train_unet(plan: TrainPlan, work: Path, vae: AutoencoderKL) -> dict[str, tor
         noisy = scheduler.add_noise(x0, noise, t)
         extra = {}
         if plan.family == "sdxl":
-            extra = {
-                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids(len(idx), plan.image_size)}
-            }
+            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids(len(idx), size)}}
         pred = unet(noisy, t, embeds, **extra).sample
         weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 weighting of the epsilon loss
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
@@ -426,7 +471,7 @@ def parse_plan(argv: Sequence[str] | None = None) -> TrainPlan:
     for name, value in asdict(defaults).items():
         if name in ("family", "out", "work"):
             continue
-        kind = str if name == "vae_from" else type(value)
+        kind = str if name in ("vae_from", "init_from") else type(value)
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
     return TrainPlan(**vars(parser.parse_args(argv)))
 

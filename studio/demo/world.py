@@ -256,10 +256,11 @@ class World:
         return f"{colour}{shape}"
 
     # ---------------------------------------------------------------- rendering
-    def render(self, spec: Spec | Pair, size: int | None = None) -> Image.Image:
+    def render(self, spec: Spec | Pair, size: int | tuple[int, int] | None = None) -> Image.Image:
         """Draw `spec` (one shape, or a Pair side by side) as a `size` x `size` RGB image (default: the
-        world's image size)."""
-        size = size or self.image_size
+        world's image size), or a (width, height) one: positions are fractions of each side, a shape's size
+        and the style's strokes scale with the shorter side (a picture of another aspect, as a size bucket)."""
+        width, height = (size, size) if isinstance(size, int) else size or (self.image_size,) * 2
         shapes = [spec.left, spec.right] if isinstance(spec, Pair) else [spec]
         for one in shapes:
             for name, value, allowed in (
@@ -270,20 +271,22 @@ class World:
             ):
                 if value not in allowed:
                     raise ConfigError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
-        big = size * SUPERSAMPLE
+        big_w, big_h = width * SUPERSAMPLE, height * SUPERSAMPLE
+        short = min(big_w, big_h)
         bg = COLOUR_RGB[shapes[0].background]
-        canvas = Image.new("RGB", (big, big), bg)
-        unit = big / UNIT  # one pixel of a 64 px image
+        canvas = Image.new("RGB", (big_w, big_h), bg)
+        unit = short / UNIT  # one pixel of a 64 px image
         if shapes[0].style == "framed":  # a border round the whole picture, in the (first) shape's colour
             paint_frame(canvas, COLOUR_RGB[shapes[0].colour], unit)
         for one in shapes:
-            points = shape_polygon(one.shape, one.cx * big, one.cy * big, one.size * big, one.angle)
+            points = shape_polygon(one.shape, one.cx * big_w, one.cy * big_h, one.size * short, one.angle)
             paint_shape(canvas, points, one.style, COLOUR_RGB[one.colour], bg, unit)
-        image = canvas.resize((size, size), Image.Resampling.BOX)
+        image = canvas.resize((width, height), Image.Resampling.BOX)
         if shapes[0].style == "pixel":
-            cells = UNIT // 4  # 16 cells across at any image size
-            image = image.resize((cells, cells), Image.Resampling.BOX).resize(
-                (size, size), Image.Resampling.NEAREST
+            cell = min(width, height) / (UNIT // 4)  # 16 cells across the shorter side at any size
+            cells = (max(1, round(width / cell)), max(1, round(height / cell)))
+            image = image.resize(cells, Image.Resampling.BOX).resize(
+                (width, height), Image.Resampling.NEAREST
             )
         return image
 

@@ -49,6 +49,7 @@ class GeneratedImage:
     trace: list[tuple[int, ...]] | None = None  # stack indices acting at each step (switch/composite)
     seconds: float = 0.0
     path: Path | None = None
+    notes: tuple[str, ...] = ()  # settings that work but may draw poorly (GenerationEngine.notes)
 
 
 @dataclass
@@ -132,6 +133,7 @@ class GenerationEngine:
         self.pipe.scheduler = make_sampler(cfg.scheduler, self._scheduler_config)
         width, height = cfg.width or self.native_size(), cfg.height or self.native_size()
         first_seed = cfg.seed if cfg.seed >= 0 else random.SystemRandom().randrange(2**32)
+        notes = self.notes(cfg, width, height)
         # 3. one image per seed
         results = []
         for i in range(cfg.batch_count):
@@ -139,12 +141,29 @@ class GenerationEngine:
             start = time.perf_counter()
             image, trace = self._denoise(cfg, entries, seed, width, height)
             record = self._record(cfg, entries, seed, width, height, fused, trace)
-            result = GeneratedImage(image, seed, record, trace, time.perf_counter() - start)
+            result = GeneratedImage(image, seed, record, trace, time.perf_counter() - start, notes=notes)
             if on_image is not None:
                 on_image(result)
             results.append(result)
         self._last_signature = _signature(entries)
         return results
+
+    def notes(self, cfg: GenerateConfig, width: int, height: int) -> tuple[str, ...]:
+        """Hints on settings that run but may draw poorly: in area mode, a box under half the model's
+        native size on a side is drawn as a picture that small, which a model trained at one size draws as
+        a smear (the 128 px demo model draws shapes at chance at 64 px; SD1.5 at 256 px is as far out)."""
+        if cfg.region_mode != "area":
+            return ()
+        native, out = self.native_size(), []
+        for n, region in enumerate(cfg.regions, start=1):
+            x0, y0, x1, y1 = region.fractions(width, height)
+            w, h = round((x1 - x0) * width), round((y1 - y0) * height)
+            if min(w, h) < native / 2:
+                out.append(
+                    f"region {n} is {w}x{h} px in area mode, under half this model's native {native} px: it "
+                    "may come out smeared; make the image or the box bigger, or draw regions in mask mode"
+                )
+        return tuple(out)
 
     def prepare(self, cfg: GenerateConfig) -> tuple[list[_Entry], bool]:
         """Check cfg, load its LoRAs (cached) and set their weights, fusing when asked, without making an

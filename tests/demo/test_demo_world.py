@@ -149,3 +149,20 @@ def test_pair_halves_are_square_crops_around_each_sides_shape():
             everywhere = np.abs(pixels(image).astype(int) - colour).sum(-1) < 30
             half = everywhere[:, :64] if spec is pair.left else everywhere[:, 64:]
             assert inside >= 0.9 * half.sum() > 0, spec  # the crop keeps (nearly) all of its side's shape
+
+
+def test_pictures_of_other_sizes_keep_the_design_on_the_shorter_side():
+    """A size bucket's picture: positions are fractions of each side, the shape scales with the shorter one."""
+    spec = Spec("square", "red", "blue", "flat", cx=0.5, cy=0.5, size=0.3)
+    assert np.array_equal(pixels(WORLD.render(spec, size=(64, 64))), pixels(WORLD.render(spec)))
+    tall = pixels(WORLD.render(spec, size=(64, 128)))
+    assert tall.shape == (128, 64, 3)
+    red = np.all(tall == w.COLOUR_RGB["red"], axis=-1)
+    rows, cols = np.nonzero(red)
+    assert abs(rows.mean() - 64) < 1 and abs(cols.mean() - 32) < 1  # centred in the tall picture
+    assert np.array_equal(red[32:96], np.all(pixels(WORLD.render(spec)) == w.COLOUR_RGB["red"], axis=-1))
+    for style in ("framed", "striped", "pixel"):
+        wide = pixels(WORLD.render(Spec("circle", "red", "blue", style), size=(128, 64)))
+        assert wide.shape == (64, 128, 3)
+    framed = pixels(WORLD.render(Spec("circle", "red", "blue", "framed", size=0.2), size=(128, 64)))
+    assert tuple(framed[32, 1]) == tuple(framed[32, 126]) == tuple(framed[62, 64]) == w.COLOUR_RGB["red"]

@@ -23,6 +23,8 @@ def generate(services, values: dict) -> tuple[list, str]:
         gr.Warning("The prompt is empty: the model draws whatever it likes.")
     started = time.time()
     results = services.generate(values)
+    for note in results[0].notes if results else ():
+        gr.Warning(note)
     names = ", ".join(r.path.name for r in results if r.path)
     seeds = ", ".join(str(r.seed) for r in results)
     info = f"{len(results)} image(s) in {time.time() - started:.1f} s · seed {seeds} · saved in outputs/: {names}"

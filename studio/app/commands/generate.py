@@ -91,7 +91,12 @@ def run(args: argparse.Namespace) -> int:
 
     from studio.generation.service import GenerationService
 
+    noted: set[str] = set()
+
     def report(result) -> None:
+        for note in set(result.notes) - noted:  # the same for every image of a run: printed once
+            print(f"note: {note}", file=sys.stderr, flush=True)
+            noted.add(note)
         print(f"{result.path}  seed {result.seed}  {result.seconds:.1f} s", flush=True)
 
     images = GenerationService().generate(cfg, on_image=report, save=True)

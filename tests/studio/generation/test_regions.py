@@ -107,6 +107,20 @@ def test_area_and_mask_regions_differ_and_are_recorded(tiny_sd15_dir, loras, tmp
         cfg(region_mode="crop").check()
 
 
+def test_small_area_boxes_get_a_note(gen, tiny_sd15_dir, tmp_path, capsys):
+    """A box under half the model's native size (64 px here) on a side is drawn as a picture that small in
+    area mode: the result says so, once per run on the command line; mask mode and big boxes have no note."""
+    small = ["0,0,0.25,1:a red cat", "0.5,0,1,1:a blue dog"]
+    notes = gen.notes(cfg(regions=small, region_mode="area"), 64, 64)
+    assert len(notes) == 1 and notes[0].startswith("region 1 is 16x64 px in area mode")
+    assert gen.notes(cfg(regions=small), 64, 64) == ()
+    assert gen.notes(cfg(regions=small, region_mode="area"), 256, 256) == ()  # bigger image, bigger boxes
+    argv = ["generate", "--model", str(tiny_sd15_dir), "--prompt", "a fox", "--steps", "1", "--batch-count", "2",
+            "--region-mode", "area", "--region", small[0], "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().err.count("note: region 1 is 16x64 px in area mode") == 1
+
+
 def test_a_region_over_the_whole_image_is_its_own_generation(gen, loras):
     """With base 0 and one box covering everything, the image is the region's prompt and LoRA alone."""
     a, b = loras
