@@ -69,6 +69,17 @@ def test_clicking_generate_shows_an_image(page, studio_app):
     assert any(studio_app[0].workspace.outputs.glob("*.png"))
 
 
+def test_the_history_shows_thumbnails(page):
+    """Opened after the first image, the History shows it as one thumbnail of a row of six, not stretched over
+    the row (Gradio's galleries fit their columns to fewer images unless told not to)."""
+    page.get_by_text("History: every image of this workspace").click()
+    thumb = page.locator("#history img").first
+    thumb.wait_for(timeout=15_000)
+    row = page.locator("#history").bounding_box()["width"]
+    assert 0 < thumb.bounding_box()["width"] < row / 4
+    page.get_by_text("History: every image of this workspace").click()  # closed again for the next tests
+
+
 def test_a_bad_value_shows_an_error_and_the_page_still_works(page):
     page.get_by_role("tab", name="Dataset").click()
     page.get_by_label("Dataset name").fill("../outside")

@@ -91,7 +91,9 @@ def build(services) -> dict[str, gr.Dropdown]:
                         ws.dataset_names(), value=None, label="Show dataset", allow_custom_value=True
                     )
                     resolution = gr.Number(value=64, precision=0, label="Buckets at resolution")
-                thumbs = gr.Gallery(label="Images (click to pick for deleting)", columns=6, height=240)
+                thumbs = gr.Gallery(
+                    label="Images (click to pick for deleting)", columns=6, height=240, fit_columns=False
+                )
                 table = gr.Dataframe(headers=TABLE, interactive=True, static_columns=[0, 2, 3], wrap=True,
                                      label="Captions (edit the caption column, then save)", elem_id="captions")  # fmt: skip
                 with gr.Row():

@@ -131,7 +131,9 @@ def _regions(ws) -> tuple[gr.Dataframe, gr.Slider, gr.Radio]:
 
 def _history(services, form: Form) -> None:
     with gr.Accordion("History: every image of this workspace", open=False) as box:
-        history = gr.Gallery(columns=6, height=300, label="History, newest first", elem_id="history")
+        history = gr.Gallery(
+            columns=6, height=300, label="History, newest first", elem_id="history", fit_columns=False
+        )
         with gr.Row():
             picked = gr.Textbox(label="Image", interactive=False, scale=3)
             again = gr.Button("Reuse these settings", scale=1)

@@ -108,7 +108,11 @@ def build(services) -> gr.State:
                 )
                 points = gr.Markdown(elem_id="job-loss-points")
                 samples = gr.Gallery(
-                    label="Samples, newest first", columns=4, height=260, elem_id="job-samples"
+                    label="Samples, newest first",
+                    columns=4,
+                    height=260,
+                    elem_id="job-samples",
+                    fit_columns=False,
                 )
                 summary = gr.Markdown(elem_id="job-report-summary")
                 report = gr.Dataframe(

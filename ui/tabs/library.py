@@ -72,7 +72,7 @@ def build(services, tabs: gr.Tabs, generate: dict) -> gr.Dataframe:
             with gr.Column(scale=2):
                 about = gr.Markdown("Click a LoRA in the list.", elem_id="library-details")
                 download = gr.File(label="Download", interactive=False)
-                samples = gr.Gallery(label="Its sample images", columns=4, height=240)
+                samples = gr.Gallery(label="Its sample images", columns=4, height=240, fit_columns=False)
         with gr.Accordion("Trash", open=False) as trash_box:
             trash = gr.Dataframe(headers=["item", "was"], interactive=False, label="Deleted LoRAs")
             item = gr.Textbox(label="Item", interactive=False)
