@@ -12,11 +12,7 @@ models the same room.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-
 from studio.core.errors import ConfigError
-from studio.demo.world import World
 
 Bucket = tuple[int, int]  # (width, height) in pixels
 
@@ -37,13 +33,3 @@ def parse_buckets(text: str) -> list[Bucket]:
 
 def bucket_name(bucket: Bucket) -> str:
     return f"{bucket[0]}x{bucket[1]}"
-
-
-def render_bucket(world: World, bucket: Bucket, seed: int, n: int, split: str) -> tuple[torch.Tensor, list]:
-    """`n` one-shape scenes of `split` drawn at the bucket's size, uint8 (n, 3, height, width), with specs.
-
-    Only one-shape scenes: a two-shape scene's places ("on the left") are those of the world's square
-    pictures, and a box of another aspect is where a region draws one thing."""
-    specs = world.singles().sample(seed, n, split)
-    arr = np.stack([np.asarray(world.render(s, size=bucket)) for s in specs])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), specs

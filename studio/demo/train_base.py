@@ -39,7 +39,7 @@ from studio.core.families import TEXT_ENCODERS, check_family
 from studio.core.io import atomic_write_text
 from studio.core.tokenizers import EOS, clip_tokenizer, write_tokenizer_files
 from studio.demo.architectures import build_text_encoders, build_unet, build_vae, train_scheduler
-from studio.demo.buckets import bucket_name, parse_buckets, render_bucket
+from studio.demo.buckets import bucket_name, parse_buckets
 from studio.demo.pipelines import assemble_pipeline, encode_text, time_ids
 from studio.demo.world import World, world_for
 
@@ -96,8 +96,13 @@ class TrainPlan:
 def render_images(world: World, seed: int, n: int, split: str) -> tuple[torch.Tensor, list]:
     """`n` world images from `split` as uint8 (n, 3, size, size), with their specs."""
     specs = world.sample(seed, n, split)
-    arr = np.stack([np.asarray(world.render(s)) for s in specs])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), specs
+    return render_specs(world, specs), specs
+
+
+def render_specs(world: World, specs: list, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Scenes drawn at `size` (width, height; default the world's) as uint8 (n, 3, height, width)."""
+    arr = np.stack([np.asarray(world.render(s, size=size)) for s in specs])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -258,11 +263,7 @@ def training_sets(plan: TrainPlan, work: Path, vae: AutoencoderKL, world: World)
             cached = load_file(str(work / name))
             mean, std = cached["mean"], cached["std"]
         else:
-            images = (
-                render_images(world, seed, n, "base")[0]
-                if own
-                else render_bucket(world, bucket, seed, n, "base")[0]
-            )
+            images = render_specs(world, specs, bucket)
             mean, std = encode_latents(vae, images)
             save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(work / name))
         sets.append((mean, std, specs, bucket))
