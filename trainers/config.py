@@ -43,6 +43,14 @@ class TrainConfig:
     )
     repeats: int = option(1, "how many times each image counts per epoch", min=1, max=10_000)
     resolution: int = option(512, "training resolution (bucket area = resolution^2)", min=64, max=4096)
+    extra_resolutions: list[int] = option(
+        [],
+        "also train every image at these resolutions, e.g. 768,1024 beside resolution 512 (multi-resolution "
+        "training: the model learns the subject at several sizes); an epoch shows each image once per "
+        "resolution",
+        min=64,
+        max=4096,
+    )
     enable_buckets: bool = option(True, "aspect-ratio buckets; off = every image resized and cropped square")
     bucket_step: int = option(64, "bucket sides are multiples of this many pixels", min=8, max=1024)
     min_bucket_reso: int = option(256, "smallest bucket side in pixels", min=8)

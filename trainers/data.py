@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -49,6 +49,11 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    @property
+    def images(self) -> list[Example]:
+        """One example per image file (with several training resolutions an image has one per resolution)."""
+        return list({ex.path: ex for ex in reversed(self.examples)}.values())[::-1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,7 +149,7 @@ def tag_frequency(datasets: list[Dataset], separator: str = ",") -> dict[str, di
     """kohya's ss_tag_frequency: {"<repeats>_<folder>": {tag: count}}."""
     out = {}
     for ds in datasets:
-        counts = Counter(t.strip() for ex in ds.examples for t in ex.caption.split(separator) if t.strip())
+        counts = Counter(t.strip() for ex in ds.images for t in ex.caption.split(separator) if t.strip())
         out[f"{ds.repeats}_{ds.folder.name}"] = dict(counts.most_common())
     return out
 
@@ -178,6 +183,21 @@ def assign_buckets(dataset: Dataset, buckets: list[tuple[int, int]]) -> None:
     for ex in dataset.examples:
         w, h = ex.size
         ex.bucket = buckets[int(np.abs(ratios - math.log(w / h)).argmin())]
+
+
+def assign_resolutions(dataset: Dataset, bucket_sets: list[list[tuple[int, int]]]) -> None:
+    """Multi-resolution training: each example once per bucket set (one set per resolution), in the set's
+    nearest-aspect bucket. One set keeps the examples as they are.
+
+    ai-toolkit and OneTrainer train at a list of resolutions the same way; kohya's sd-scripts has no such
+    option (only buckets of one area), hence this small expansion before the latent cache.
+    """
+    expanded = []
+    for buckets in bucket_sets:
+        copies = Dataset(dataset.folder, [replace(ex) for ex in dataset.examples])
+        assign_buckets(copies, buckets)
+        expanded += copies.examples
+    dataset.examples = expanded
 
 
 def fit_to_bucket(

@@ -34,7 +34,7 @@ from studio.core.targets import ModuleTarget, plan_targets
 from trainers import checkpoint as ckpt
 from trainers.base_model import TrainModels, load_base_model, prepare_models, resolve_mixed_precision
 from trainers.config import TrainConfig
-from trainers.data import assign_buckets, make_buckets
+from trainers.data import assign_resolutions, make_buckets
 from trainers.encode import TextCache
 from trainers.events import EventCallback, EventLog, TensorBoardSink
 from trainers.metadata import training_metadata
@@ -189,15 +189,11 @@ def load_models(
 def prepare_data(cfg: TrainConfig, parts: list[DataPart], models: TrainModels, run: Run) -> TrainData:
     """Buckets, latent cache and text cache for the data parts of the method."""
     check_bucket_step(cfg, models)
-    buckets = (
-        make_buckets(
-            cfg.resolution, step=cfg.bucket_step, min_reso=cfg.min_bucket_reso, max_reso=cfg.max_bucket_reso
-        )
-        if cfg.enable_buckets
-        else [(cfg.resolution, cfg.resolution)]
-    )
+    bucket_sets = [
+        resolution_buckets(cfg, r) for r in dict.fromkeys([cfg.resolution, *cfg.extra_resolutions])
+    ]
     for part in parts:
-        assign_buckets(part.dataset, buckets)
+        assign_resolutions(part.dataset, bucket_sets)
     data = TrainData(cfg, parts, models.vae, run.accelerator.num_processes)
     if cfg.cache_latents:
         data.cache_latents(progress=cfg.progress_bar and run.accelerator.is_main_process)
@@ -207,6 +203,17 @@ def prepare_data(cfg: TrainConfig, parts: list[DataPart], models: TrainModels, r
     if cfg.cache_latents and data.text.cache and not cfg.sample_every:
         free_encoders(cfg, parts, models, data, run)
     return data
+
+
+def resolution_buckets(cfg: TrainConfig, resolution: int) -> list[tuple[int, int]]:
+    """The buckets of one training resolution; an extra resolution widens the bucket range to hold it."""
+    if not cfg.enable_buckets:
+        return [(resolution, resolution)]
+    if resolution == cfg.resolution:
+        low, high = cfg.min_bucket_reso, cfg.max_bucket_reso
+    else:
+        low, high = min(cfg.min_bucket_reso, resolution), max(cfg.max_bucket_reso, resolution)
+    return make_buckets(resolution, step=cfg.bucket_step, min_reso=low, max_reso=high)
 
 
 def free_encoders(
@@ -225,9 +232,9 @@ def check_bucket_step(cfg: TrainConfig, models: TrainModels) -> None:
     factor = 2 ** (len(models.vae.config.block_out_channels) - 1) * 2 ** (
         len(models.unet.config.down_block_types) - 1
     )
-    sizes = [cfg.bucket_step] if cfg.enable_buckets else [cfg.resolution]
+    sizes = [cfg.bucket_step] if cfg.enable_buckets else [cfg.resolution, *cfg.extra_resolutions]
     if any(s % factor for s in sizes):
-        what = "bucket_step" if cfg.enable_buckets else "resolution"
+        what = "bucket_step" if cfg.enable_buckets else "resolution (and each extra resolution)"
         raise ConfigError(f"{what} must be a multiple of {factor} for this model (VAE x UNet downsampling)")
 
 

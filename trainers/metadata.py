@@ -44,8 +44,8 @@ def training_metadata(
         "ss_epoch": str(max(1, -(-step * cfg.gradient_accumulation_steps // max(batches_per_epoch, 1)))),
         "ss_train_batch_size": str(cfg.batch_size),
         "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
-        "ss_num_train_images": str(sum(len(p.dataset) * p.dataset.repeats for p in instances)),
-        "ss_num_reg_images": str(sum(len(p.dataset) for p in classes)),
+        "ss_num_train_images": str(sum(len(p.dataset.images) * p.dataset.repeats for p in instances)),
+        "ss_num_reg_images": str(sum(len(p.dataset.images) for p in classes)),
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
         "ss_enable_bucket": str(cfg.enable_buckets),
         "ss_bucket_info": json.dumps(_bucket_info(parts)),
@@ -72,7 +72,10 @@ def training_metadata(
         "ss_sd_model_hash": model_hash,
         "ss_new_sd_model_hash": model_hash,
         "ss_dataset_dirs": json.dumps(
-            {f"{d.repeats}_{d.folder.name}": {"n_repeats": d.repeats, "img_count": len(d)} for d in datasets}
+            {
+                f"{d.repeats}_{d.folder.name}": {"n_repeats": d.repeats, "img_count": len(d.images)}
+                for d in datasets
+            }
         ),
         "ss_tag_frequency": json.dumps(tag_frequency(datasets, cfg.caption_separator)),
         "studio_method": cfg.method,

@@ -3,7 +3,7 @@
 A finished training job's events give its pace (pixels of training images per second, between its first
 and last step) and its start-up time (queued -> first step). A new job is estimated from the newest
 finished job on the same base model (any model when there is none): steps x batch x resolution^2 at that
-pace, plus that start-up. None before the machine has run a job: the page then says nothing.
+pace (with extra training resolutions, the mean of their squares), plus that start-up. None before the machine has run a job: the page then says nothing.
 
     >>> estimate = training_estimate(store, {"max_steps": 300, "batch_size": 4, "resolution": 64, ...})  # doctest: +SKIP
     >>> round(estimate.seconds)  # doctest: +SKIP
@@ -41,7 +41,7 @@ def job_pace(store: JobStore, job: Job) -> Pace | None:
     done = steps[-1]["step"] - steps[0]["step"]
     if span <= 0 or done <= 0:
         return None
-    pixels = done * int(cfg.get("batch_size", 1)) * int(cfg.get("resolution", 512)) ** 2
+    pixels = done * int(cfg.get("batch_size", 1)) * image_pixels(cfg)
     startup = max(0.0, steps[0]["time"] - job.started)
     return Pace(pixels / span, startup, str(cfg.get("model", "")), job.id)
 
@@ -56,7 +56,13 @@ def training_estimate(store: JobStore, config: dict[str, Any], look_back: int = 
         return None
     same = [p for p in paces if p.model == str(config.get("model", ""))]
     pace = (same or paces)[0]  # the newest
-    pixels = (
-        int(config["max_steps"]) * int(config.get("batch_size", 1)) * int(config.get("resolution", 512)) ** 2
-    )
+    pixels = int(config["max_steps"]) * int(config.get("batch_size", 1)) * image_pixels(config)
     return Estimate(pace.startup_s + pixels / pace.pixels_per_s, pace.job)
+
+
+def image_pixels(config: dict[str, Any]) -> float:
+    """Pixels of an average training image: resolution^2, or its mean over the extra resolutions too."""
+    sizes = list(
+        dict.fromkeys([int(config.get("resolution", 512)), *map(int, config.get("extra_resolutions") or [])])
+    )
+    return sum(r * r for r in sizes) / len(sizes)

@@ -30,6 +30,10 @@ HALVES, SQUARES = ("0,0,0.5,1", "0.5,0,1,1"), ("0,0.25,0.5,0.75", "0.5,0.25,1,0.
 LAYOUTS = (("mask", HALVES, "mask"), ("area", HALVES, "area"), ("mask, square boxes", SQUARES, "mask"),
            ("area, square boxes", SQUARES, "area"))  # fmt: skip
 BESIDE = 0.5  # the share of a "shown beside others" subject set with the subject beside another shape
+# The subject LoRAs of the regional rows: (who, share shown beside others, also trained at half the size)
+SUBJECT_SETS = (("two subjects", 0.0, False), ("two subjects shown beside others", BESIDE, False),
+                ("two subjects trained at two sizes", 0.0, True),
+                ("two subjects shown beside others, trained at two sizes", BESIDE, True))  # fmt: skip
 
 
 class WorldEvaluator(Evaluator):
@@ -158,15 +162,17 @@ class WorldEvaluator(Evaluator):
         """Two subjects asked left and right: a region per side with its LoRA and prompt (the rest follows
         the global prompt, no LoRA), each region seeing the whole picture (mask) or its box alone (area),
         against the same prompt with both LoRAs loaded; once with the subjects' LoRAs trained on the subject
-        alone, once on sets where half the images show it beside another shape. Then the base model's own
-        shapes with a region per side against its two-shape row (whether the regions place what the model
-        can draw)."""
+        alone, once on sets where half the images show it beside another shape, and each of these also
+        trained at half the image size (extra_resolutions: a region's box is that small). Then the base
+        model's own shapes with a region per side against its two-shape row (whether the regions place what
+        the model can draw)."""
         rows = []
         _, backgrounds = self.pair_prompts(SUBJECT, SUBJECT_2)
-        for beside, who in ((0.0, "two subjects"), (BESIDE, "two subjects shown beside others")):
+        for who, beside, sizes in SUBJECT_SETS:
+            extra = {"tag": "_sizes", "extra_resolutions": [self.plan.image_size // 2]} if sizes else {}
             left, right = (
-                self.subject_lora(SUBJECT, beside=beside),
-                self.subject_lora(SUBJECT_2, beside=beside),
+                self.subject_lora(SUBJECT, beside=beside, **extra),
+                self.subject_lora(SUBJECT_2, beside=beside, **extra),
             )
             loras = [(left, 1.0), (right, 1.0)]
             rows.append(

@@ -27,7 +27,7 @@ from studio.core.images import image_files
 from studio.core.lora_summary import LoraSummary, summarize_lora
 
 TRAINING_KEYS = ("method", "network_type", "max_steps", "rank", "alpha", "learning_rate", "resolution",
-                 "batch_size", "data_dir", "model")  # fmt: skip
+                 "extra_resolutions", "batch_size", "data_dir", "model")  # fmt: skip
 
 
 @dataclass
@@ -177,7 +177,7 @@ def training_settings(meta: dict[str, str]) -> dict[str, Any]:
     except (ValueError, RecursionError):
         config = {}
     if isinstance(config, dict) and config:
-        out = {k: config[k] for k in TRAINING_KEYS if k in config}
+        out = {k: config[k] for k in TRAINING_KEYS if config.get(k, []) != []}  # an empty list says nothing
         if "data_dir" in out:
             out["data_dir"] = Path(str(out["data_dir"])).name
         return out

@@ -61,13 +61,14 @@ def check_fields(config: Any) -> None:
     for f in dataclasses.fields(cls):
         value = getattr(config, f.name)
         _check_choices(cls, f, value)
-        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        low, high = f.metadata.get("min"), f.metadata.get("max")
-        if low is not None and value < low:
-            raise ConfigError(f"option {f.name} must be at least {low:g}, got {value:g}")
-        if high is not None and value > high:
-            raise ConfigError(f"option {f.name} must be at most {high:g}, got {value:g}")
+        for item in value if isinstance(value, list) else [value]:  # a list's bounds hold for each value
+            if item is None or isinstance(item, bool) or not isinstance(item, int | float):
+                continue
+            low, high = f.metadata.get("min"), f.metadata.get("max")
+            if low is not None and item < low:
+                raise ConfigError(f"option {f.name} must be at least {low:g}, got {item:g}")
+            if high is not None and item > high:
+                raise ConfigError(f"option {f.name} must be at most {high:g}, got {item:g}")
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from studio.app.cli import main
+from studio.app.eval_many import SUBJECT_SETS
 
 
 @pytest.mark.slow
@@ -19,7 +20,8 @@ def test_regional_rows_of_the_128px_world(tmp_path):
     assert data["plan"]["image_size"] == 128 and "--world 128" in data["command"]
     rows = {r["case"]: r["metrics"] for r in data["rows"]}
     layouts = ("mask", "area", "mask, square boxes", "area, square boxes")
-    who = ("two subjects", "two subjects shown beside others")
+    who = [w for w, _, _ in SUBJECT_SETS]
+    assert "two subjects shown beside others, trained at two sizes" in who
     assert set(rows) == {
         *(f"{w}, no regions (both LoRAs)" for w in who),
         *(f"{w}, a region and LoRA per side ({layout})" for w in who for layout in layouts),

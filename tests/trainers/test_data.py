@@ -95,6 +95,31 @@ def test_buckets_follow_aspect_ratio(tmp_path):
     assert pixels.shape == (3, wide[1], wide[0]) and float(pixels.min()) >= -1 and top == 0
 
 
+def test_extra_resolutions_train_each_image_at_each_size(tmp_path, fresh_sd15_pipe):
+    """Multi-resolution training: every image is in a bucket of each resolution, counted once as an image."""
+    import json
+
+    from safetensors import safe_open
+
+    from studio.app.library import training_settings
+
+    folder = make_images(tmp_path / "imgs", 2, {0: "sks, dog", 1: "sks, cat"})
+    options = {**TINY, "data_dir": str(folder), "max_steps": 2, "output_dir": str(tmp_path / "out"),
+               "extra_resolutions": [128], "batch_size": 2, "max_bucket_reso": 64}  # fmt: skip
+    result = train(build_config(TrainConfig, options), pipe=fresh_sd15_pipe, family="sd15")
+    with safe_open(result.path, "pt") as f:
+        meta = f.metadata()
+    buckets = json.loads(meta["ss_bucket_info"])["buckets"]
+    assert {k: v["count"] for k, v in buckets.items()} == {"64x64": 2, "128x128": 2}
+    assert meta["ss_num_train_images"] == "2"
+    assert json.loads(meta["ss_tag_frequency"])["1_imgs"] == {"sks": 2, "dog": 1, "cat": 1}
+    assert json.loads(meta["studio_train_config"])["extra_resolutions"] == [128]
+    settings = training_settings(meta)  # what the Library shows
+    assert settings["resolution"] == 64 and settings["extra_resolutions"] == [128]
+    with pytest.raises(ConfigError, match="extra_resolutions must be at least 64"):
+        build_config(TrainConfig, {**options, "extra_resolutions": [128, 32]})
+
+
 def test_caption_shuffle_keeps_first_tokens_and_dropout():
     rng = random.Random(0)
     outs = {process_caption("sks, a, b, c, d", rng, dropout=0, shuffle=True, keep_tokens=1, separator=",")

@@ -114,7 +114,7 @@ def build(services, tabs: gr.Tabs, jobs_view: gr.Number) -> dict[str, gr.Dropdow
                 more = gr.Code(
                     label="More options (TOML, any training option)",
                     language=None,
-                    value='# e.g.\n# conv_rank = 8\n# up_lr_weight = "cosine+0.2"\n',
+                    value='# e.g.\n# conv_rank = 8\n# up_lr_weight = "cosine+0.2"\n# extra_resolutions = [768, 1024]\n',
                 )
         estimate_line = gr.Markdown(elem_id="train-estimate")
         submit = gr.Button("Queue training", variant="primary")
