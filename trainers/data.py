@@ -53,7 +53,10 @@ class Dataset:
     @property
     def images(self) -> list[Example]:
         """One example per image file (with several training resolutions an image has one per resolution)."""
-        return list({ex.path: ex for ex in reversed(self.examples)}.values())[::-1]
+        first: dict[Path, Example] = {}
+        for ex in self.examples:
+            first.setdefault(ex.path, ex)
+        return list(first.values())
 
 
 # --------------------------------------------------------------------------------------------------
