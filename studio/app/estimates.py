@@ -2,8 +2,9 @@
 
 A finished training job's events give its pace (pixels of training images per second, between its first
 and last step) and its start-up time (queued -> first step). A new job is estimated from the newest
-finished job on the same base model (any model when there is none): steps x batch x resolution^2 at that
-pace (with extra training resolutions, the mean of their squares), plus that start-up. None before the machine has run a job: the page then says nothing.
+finished job on the same base model (any model when there is none): steps x batch x resolution^2 (with
+extra training resolutions, the mean of their squares) at that pace, plus that start-up. None before the
+machine has run a job: the page then says nothing.
 
     >>> estimate = training_estimate(store, {"max_steps": 300, "batch_size": 4, "resolution": 64, ...})  # doctest: +SKIP
     >>> round(estimate.seconds)  # doctest: +SKIP
