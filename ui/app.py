@@ -22,6 +22,7 @@ def build_app(services: Services) -> gr.Blocks:
             f"# {TITLE}\nWorkspace: `{services.workspace.root}` · base model by default: the built-in demo "
             "model (`demo:sd15`, 64 px shapes world) · training and merging run as jobs."
         )
+        banner = gr.Markdown(visible=False, elem_id="workspace-gone")  # shown while the workspace is gone
         jobs_view = gr.Number(visible=False)  # set by Train / Merge; the Jobs tab follows it
         with gr.Tabs() as tabs:
             gen = generate.build(services)
@@ -31,35 +32,45 @@ def build_app(services: Services) -> gr.Blocks:
             merged = merge.build(services, tabs, jobs_view)
             job_id = jobs.build(services)
         jobs_view.change(lambda j: j, jobs_view, job_id, api_name=False)
-        follow_workspace(services, app, gen, lib, data, trained, merged)
+        follow_workspace(services, app, banner, gen, lib, data, trained, merged)
     return app
 
 
 def follow_workspace(
-    services: Services, app: gr.Blocks, gen: dict, lib, data: dict, trained: dict, merged: dict
+    services: Services, app: gr.Blocks, banner, gen: dict, lib, data: dict, trained: dict, merged: dict
 ) -> None:
     """Keep every list current without a Refresh button: at page load, and whenever a LoRA, a dataset or a
     job changes (a LoRA a job just wrote appears in Generate and Merge). No list ever picks a file by
-    itself: choices change, chosen values stay as the user left them."""
+    itself: choices change, chosen values stay as the user left them. While the workspace is gone, the
+    `banner` says so and the lists stay as they were."""
     lora_lists = [gen["loras"], gen["b_content"], gen["b_style"], merged["sources"]]
     dataset_lists = [data["datasets"], trained["datasets"], trained["reg_datasets"]]
     seen = gr.State(None)
 
-    def lists(version=None):
+    def lists():
         ws = services.workspace
         loras, names = ws.lora_files(), ws.dataset_names()
         return ([gr.Dropdown(choices=loras) for _ in lora_lists] + [gr.Dropdown(choices=names) for _ in dataset_lists]
                 + [[e.row() for e in services.library.entries()]])  # fmt: skip
 
     def if_changed(before):
+        gone = services.workspace.gone()
+        if gone:
+            return [gr.skip()] * (len(lora_lists) + len(dataset_lists) + 1) + [
+                before,
+                gr.Markdown(f"**{gone}**", visible=True),
+            ]
         now = services.version()
         if now == before:
-            return [gr.skip()] * (len(lora_lists) + len(dataset_lists) + 1) + [before]
-        return [*lists(), now]
+            return [gr.skip()] * (len(lora_lists) + len(dataset_lists) + 1) + [
+                before,
+                gr.Markdown(visible=False),
+            ]
+        return [*lists(), now, gr.Markdown(visible=False)]
 
-    outputs = [*lora_lists, *dataset_lists, lib]
-    app.load(lambda: [*lists(), services.version()], None, [*outputs, seen], api_name=False)
-    gr.Timer(2.0).tick(if_changed, seen, [*outputs, seen], api_name=False, show_progress="hidden")
+    outputs = [*lora_lists, *dataset_lists, lib, seen, banner]
+    app.load(if_changed, seen, outputs, api_name=False)
+    gr.Timer(2.0).tick(if_changed, seen, outputs, api_name=False, show_progress="hidden")
 
 
 def serving_options(services: Services) -> dict:

@@ -40,16 +40,29 @@ class Form:
         return self.components[name]
 
 
-def handler(services, fn: Callable, form: Form | None = None, *, inputs: dict[str, Any] | None = None):
+def handler(
+    services,
+    fn: Callable,
+    form: Form | None = None,
+    *,
+    inputs: dict[str, Any] | None = None,
+    polling: bool = False,
+):
     """A Gradio event function with named parameters (see the module docstring).
 
     With `form`, calls fn(services, {name: value}); with `inputs` ({name: default}, in the order of the
     event's input components), calls fn(services, *values). Errors reach the page as one line (unexpected
-    ones leave their traceback in the log)."""
+    ones leave their traceback in the log). Nothing runs while the workspace is gone: a click says so, a
+    `polling` (timer) event leaves its outputs as they are (the page's banner says it once)."""
     names, defaults = (list(form.components), form.defaults()) if form is not None else (
         list(inputs or {}), list((inputs or {}).values()))  # fmt: skip
 
     def run(*args):
+        gone = services.workspace.gone()
+        if gone:
+            if polling:
+                return gr.skip()
+            raise gr.Error(gone)
         try:
             return fn(services, form.values(args)) if form is not None else fn(services, *args)
         except Exception as exc:

@@ -84,7 +84,7 @@ class JobStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
+        with self._connect(create=True) as db:
             db.executescript(_SCHEMA)
             columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
             for column, kind in (
@@ -95,8 +95,19 @@ class JobStore:
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+    def _connect(self, create: bool = False) -> Iterator[sqlite3.Connection]:
+        """A connection; only the constructor may make the file, so a queue deleted under a running studio
+        is reported, never silently replaced by an empty one."""
+        uri = f"{self.path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
+        try:
+            db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None)
+        except sqlite3.OperationalError as exc:
+            if create or self.path.is_file():
+                raise
+            raise ConfigError(
+                f"the job queue {self.path} is gone (deleted or moved while the studio ran): put it back, or "
+                "restart the studio to make a new one"
+            ) from exc
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.row_factory = sqlite3.Row

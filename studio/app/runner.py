@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 
 from studio.app.jobs import Job, JobStore
+from studio.core.errors import ConfigError
 
 INTERRUPTED = (
     "the studio stopped while this job ran; training resumes from its last checkpoint "
@@ -121,6 +122,7 @@ class JobRunner:
         return self.logs / f"job-{job_id}.log"
 
     def _loop(self) -> None:
+        last = ""
         while not self._stop.is_set():
             try:
                 if self._adopted:
@@ -131,8 +133,10 @@ class JobRunner:
                     self._stop.wait(self.poll_s)
                     continue
                 self._run(job)
-            except Exception:  # the runner outlives any one job's trouble, including a locked database
-                traceback.print_exc()
+            except Exception as exc:  # the runner outlives any one job's trouble, including a locked database
+                if str(exc) != last:  # a lasting trouble (a deleted queue) is logged once, not every poll
+                    traceback.print_exc()
+                    last = str(exc)
                 self._stop.wait(self.poll_s)
 
     def _run(self, job: Job) -> None:
@@ -174,6 +178,9 @@ class JobRunner:
                     self.store.finish(job_id, "cancelled", "cancelled while running")
                     return
                 time.sleep(self.poll_s)
+        except ConfigError:  # the queue is gone (its workspace deleted): no job runs where no one can see it
+            worker.stop()
+            raise
         finally:
             self._worker = None
         if self.store.get(job_id).status == "running":  # the worker died before it could record why

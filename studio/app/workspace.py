@@ -55,6 +55,17 @@ class Workspace:
     def jobs_db(self) -> Path:
         return self.root / "jobs.sqlite"
 
+    def gone(self) -> str | None:
+        """What to do when the folder or its job queue was deleted or moved while the studio ran (None while
+        both are there). The studio makes neither again by itself: a half-remade workspace would hide the loss."""
+        if self.root.is_dir() and self.jobs_db.is_file():
+            return None
+        lost = "folder" if not self.root.is_dir() else "job queue (jobs.sqlite)"
+        return (
+            f"The workspace {lost} at {self.root} is gone (deleted or moved while the studio ran): put it back, "
+            f"or restart the studio (lora-studio ui --workspace {self.root}) to make a new one."
+        )
+
     def resolve(self, path: str | Path) -> Path:
         """`path` (relative to the workspace, or absolute) as an absolute path that must lie inside it."""
         text = str(path).strip()

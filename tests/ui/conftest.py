@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -10,17 +11,26 @@ from studio.app.services import build_services
 from ui.app import build_app, serving_options
 
 
-@pytest.fixture(scope="module")
-def studio_app(tmp_path_factory):
-    """(services, url): the page served on 127.0.0.1 with its job runner, closed after the module."""
-    services = build_services(tmp_path_factory.mktemp("workspace"))
+@contextlib.contextmanager
+def serve(root):
+    """(services, url): the page over the workspace at `root`, served on 127.0.0.1 with its job runner."""
+    services = build_services(root)
     app = build_app(services)
     app.queue().launch(
         prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **serving_options(services)
     )
-    yield services, app.local_url
-    app.close()
-    services.close()
+    try:
+        yield services, app.local_url
+    finally:
+        app.close()
+        services.close()
+
+
+@pytest.fixture(scope="module")
+def studio_app(tmp_path_factory):
+    """(services, url) over a temporary workspace, closed after the module."""
+    with serve(tmp_path_factory.mktemp("workspace")) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

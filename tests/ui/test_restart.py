@@ -7,25 +7,15 @@ import contextlib
 
 from gradio_client import Client
 
-from studio.app.services import build_services
 from studio.core.lora_files import write_lora
 from tests.fixtures.lora_random import random_lora
-from tests.ui.conftest import _wait_for_job
-from ui.app import build_app, serving_options
+from tests.ui.conftest import _wait_for_job, serve
 
 
 @contextlib.contextmanager
 def studio(root):
-    services = build_services(root)
-    app = build_app(services)
-    app.queue().launch(
-        prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **serving_options(services)
-    )
-    try:
-        yield services, Client(app.local_url, verbose=False)
-    finally:
-        app.close()
-        services.close()
+    with serve(root) as (services, url):
+        yield services, Client(url, verbose=False)
 
 
 def test_restart_with_loras_keeps_everything_and_defaults_to_nothing(tmp_path, tiny_sdxl):

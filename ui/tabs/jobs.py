@@ -121,6 +121,7 @@ def build(services) -> gr.State:
                 log = gr.Textbox(label="Events, newest first", lines=10, max_lines=20, elem_id="job-log")
         view = [title, bar, plot, points, samples, log, report, summary]
         show = handler(services, open_job, inputs={"job_id": 0})
+        follow = handler(services, open_job, inputs={"job_id": 0}, polling=True)
 
         def on_select(event: gr.SelectData):
             row = event.row_value or []
@@ -131,8 +132,10 @@ def build(services) -> gr.State:
             show, job_id, view, api_name="job_view", show_progress="hidden"
         )
         timer = gr.Timer(1.5)
-        timer.tick(handler(services, job_rows), None, table, api_name=False, show_progress="hidden")
-        timer.tick(show, selected, view, api_name=False, show_progress="hidden")
+        timer.tick(
+            handler(services, job_rows, polling=True), None, table, api_name=False, show_progress="hidden"
+        )
+        timer.tick(follow, selected, view, api_name=False, show_progress="hidden")
         stop.click(handler(services, cancel, inputs={"job_id": 0}), job_id, status, api_name="cancel_job")
         gr.Button("Refresh", size="sm").click(handler(services, job_rows), None, table, api_name="jobs")
     return job_id

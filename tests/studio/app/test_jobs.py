@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import psutil
 import pytest
 
 from studio.app.jobs import JobStore
@@ -111,3 +112,17 @@ def test_workspace_keeps_paths_inside(tmp_path):
         ws.resolve("link/passwd")
     with pytest.raises(ConfigError, match="letters"):
         ws.check_name("a/b")
+
+
+def test_a_deleted_queue_stops_its_worker_and_is_never_remade(tmp_path, queue):
+    store, runner = queue
+    job = store.submit("train", train_config(tmp_path, "orphan", 100000))
+    wait(store, job, until=lambda j: any(e["event"] == "step" for e in store.events(j.id)))
+    worker = psutil.Process(runner.worker_pid)
+    for path in tmp_path.glob("jobs.sqlite*"):
+        path.unlink()
+    gone, _ = psutil.wait_procs([worker], timeout=60)  # stopped: no job runs where no page can see it
+    assert gone and runner.worker_pid is None
+    with pytest.raises(ConfigError, match="job queue .* is gone"):
+        store.jobs()
+    assert not list(tmp_path.glob("jobs.sqlite*"))
