@@ -70,15 +70,7 @@ def run_merge(config: MergeConfig, *, pipe=None, progress: Progress | None = Non
     sources, family = load_sources(config.source_refs(), config.family, allow_pickle=config.allow_pickle)
     # 3. the base model when the method or --into-base needs it
     loaded_here = pipe is None and bool(config.model)
-    if loaded_here:
-        _emit(progress, stage=f"loading {config.model}")
-        pipe = _load_model(config.model, family, config)
-    if pipe is not None:
-        _check_pipe_family(pipe, family)
-        for source in sources:  # DoRA's change depends on the base weights
-            source.base_weights = lambda path, pipe=pipe: base_weight(pipe, path).detach()
-    else:
-        _refuse_dora_without_model(sources)
+    pipe = _attach_base(config, sources, family, pipe, progress)
     shapes = layouts(sources, model_module_shapes(pipe) if pipe is not None else None)
     # 4. merge
     _emit(progress, stage=f"merging ({config.method})")
@@ -105,23 +97,37 @@ def run_merge(config: MergeConfig, *, pipe=None, progress: Progress | None = Non
             overwrite=config.overwrite,
         )  # fmt: skip
     if config.into_base:
-        from merging.into_base import merge_into_base
-
-        _emit(progress, stage=f"adding the merge into {config.model}")
-        base = (
-            pipe if _is_fp32(pipe) else _load_model(config.model, family, config, device="cpu", dtype="fp32")
-        )
-        dtype = None if config.save_dtype == "auto" else config.save_dtype
-        result.into_base = merge_into_base(
-            lora,
-            base,
-            family,
-            config.into_base,
-            dtype=dtype,
-            overwrite=config.overwrite,
-            restore=not loaded_here,
-        )
+        result.into_base = _into_base(config, lora, family, pipe, loaded_here, progress)
     return result
+
+
+def _attach_base(
+    config: MergeConfig, sources: list[MergeSource], family: str, pipe, progress: Progress | None
+):
+    """The base pipeline (given, or loaded from config.model; None when neither), its family checked; DoRA
+    sources read their base weights from it (their change depends on them)."""
+    if pipe is None and config.model:
+        _emit(progress, stage=f"loading {config.model}")
+        pipe = _load_model(config.model, family, config)
+    if pipe is None:
+        _refuse_dora_without_model(sources)
+        return None
+    _check_pipe_family(pipe, family)
+    for source in sources:
+        source.base_weights = lambda path, pipe=pipe: base_weight(pipe, path).detach()
+    return pipe
+
+
+def _into_base(config: MergeConfig, lora, family: str, pipe, loaded_here: bool, progress: Progress | None):
+    """--into-base: the merge added into a full checkpoint (a pipeline passed in is put back as it was)."""
+    from merging.into_base import merge_into_base
+
+    _emit(progress, stage=f"adding the merge into {config.model}")
+    base = pipe if _is_fp32(pipe) else _load_model(config.model, family, config, device="cpu", dtype="fp32")
+    dtype = None if config.save_dtype == "auto" else config.save_dtype
+    return merge_into_base(
+        lora, base, family, config.into_base, dtype=dtype, overwrite=config.overwrite, restore=not loaded_here
+    )
 
 
 def merge_factors(

@@ -28,56 +28,15 @@ def training_metadata(
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """ss_* fields (kohya's names and formats) and studio_* fields for a LoRA trained with `cfg`."""
-    instances = [p for p in parts if p.name == "instance"]
-    classes = [p for p in parts if p.name != "instance"]  # kohya's "reg images": class or regularisation
-    datasets = [p.dataset for p in parts]
-    batches_per_epoch = sum(-(-len(d) * d.repeats // cfg.batch_size) for d in (p.dataset for p in instances))
     meta = {
         "ss_training_started_at": f"{started:.0f}",
         "ss_training_finished_at": f"{finished:.0f}",
         "ss_output_name": cfg.output_name,
-        "ss_learning_rate": f"{cfg.learning_rate:g}",
-        "ss_unet_lr": f"{cfg.learning_rate:g}",
-        "ss_text_encoder_lr": f"{cfg.effective_text_encoder_lr:g}" if cfg.train_text_encoder else "0",
-        "ss_max_train_steps": str(cfg.max_steps),
-        "ss_steps": str(step),
-        "ss_epoch": str(max(1, -(-step * cfg.gradient_accumulation_steps // max(batches_per_epoch, 1)))),
-        "ss_train_batch_size": str(cfg.batch_size),
-        "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
-        "ss_num_train_images": str(sum(len(p.dataset.images) * p.dataset.repeats for p in instances)),
-        "ss_num_reg_images": str(sum(len(p.dataset.images) for p in classes)),
-        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
-        "ss_enable_bucket": str(cfg.enable_buckets),
-        "ss_bucket_info": json.dumps(_bucket_info(parts)),
-        "ss_optimizer": cfg.optimizer,
-        "ss_lr_scheduler": cfg.lr_scheduler,
-        "ss_lr_warmup_steps": str(cfg.lr_warmup_steps),
-        "ss_mixed_precision": cfg.mixed_precision,
-        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
-        "ss_min_snr_gamma": f"{cfg.min_snr_gamma:g}" if cfg.min_snr_gamma else "None",
-        "ss_noise_offset": f"{cfg.noise_offset:g}" if cfg.noise_offset else "None",
-        "ss_max_grad_norm": f"{cfg.max_grad_norm:g}",
-        "ss_seed": str(cfg.seed),
-        "ss_clip_skip": str(cfg.clip_skip),
-        "ss_caption_dropout_rate": f"{cfg.caption_dropout_rate:g}",
-        "ss_shuffle_caption": str(cfg.shuffle_caption),
-        "ss_keep_tokens": str(cfg.keep_tokens),
-        "ss_flip_aug": str(cfg.flip_aug),
-        "ss_cache_latents": str(cfg.cache_latents),
-        "ss_prior_loss_weight": f"{cfg.prior_loss_weight:g}",
-        "ss_network_dropout": f"{cfg.lora_dropout:g}",
-        "ss_network_train_unet_only": str(not cfg.train_text_encoder),
-        "ss_network_args": json.dumps(_network_args(cfg)),
+        **_recipe_fields(cfg),
+        **_data_fields(cfg, parts, step),
         "ss_sd_model_name": model_name,
         "ss_sd_model_hash": model_hash,
         "ss_new_sd_model_hash": model_hash,
-        "ss_dataset_dirs": json.dumps(
-            {
-                f"{d.repeats}_{d.folder.name}": {"n_repeats": d.repeats, "img_count": len(d.images)}
-                for d in datasets
-            }
-        ),
-        "ss_tag_frequency": json.dumps(tag_frequency(datasets, cfg.caption_separator)),
         "studio_method": cfg.method,
         "studio_train_config": json.dumps(config_to_dict(cfg), default=str),
         "studio_blocks_plan": json.dumps(summarize_plan(plan)),
@@ -88,6 +47,59 @@ def training_metadata(
             meta["studio_class_prompt"] = cfg.class_prompt
     meta.update(extra or {})
     return meta
+
+
+def _recipe_fields(cfg: TrainConfig) -> dict[str, str]:
+    """How it was trained: learning rates, optimizer and schedule, precision, noise and network options."""
+    return {
+        "ss_learning_rate": f"{cfg.learning_rate:g}",
+        "ss_unet_lr": f"{cfg.learning_rate:g}",
+        "ss_text_encoder_lr": f"{cfg.effective_text_encoder_lr:g}" if cfg.train_text_encoder else "0",
+        "ss_max_train_steps": str(cfg.max_steps),
+        "ss_train_batch_size": str(cfg.batch_size),
+        "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
+        "ss_optimizer": cfg.optimizer,
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_lr_warmup_steps": str(cfg.lr_warmup_steps),
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
+        "ss_min_snr_gamma": f"{cfg.min_snr_gamma:g}" if cfg.min_snr_gamma else "None",
+        "ss_noise_offset": f"{cfg.noise_offset:g}" if cfg.noise_offset else "None",
+        "ss_max_grad_norm": f"{cfg.max_grad_norm:g}",
+        "ss_seed": str(cfg.seed),
+        "ss_clip_skip": str(cfg.clip_skip),
+        "ss_prior_loss_weight": f"{cfg.prior_loss_weight:g}",
+        "ss_network_dropout": f"{cfg.lora_dropout:g}",
+        "ss_network_train_unet_only": str(not cfg.train_text_encoder),
+        "ss_network_args": json.dumps(_network_args(cfg)),
+    }
+
+
+def _data_fields(cfg: TrainConfig, parts: list[DataPart], step: int) -> dict[str, str]:
+    """What it was trained on: images, repeats, buckets, epochs, caption handling and tag frequency."""
+    instances = [p for p in parts if p.name == "instance"]
+    classes = [p for p in parts if p.name != "instance"]  # kohya's "reg images": class or regularisation
+    datasets = [p.dataset for p in parts]
+    batches_per_epoch = sum(-(-len(d) * d.repeats // cfg.batch_size) for d in (p.dataset for p in instances))
+    folders = {
+        f"{d.repeats}_{d.folder.name}": {"n_repeats": d.repeats, "img_count": len(d.images)} for d in datasets
+    }
+    return {
+        "ss_steps": str(step),
+        "ss_epoch": str(max(1, -(-step * cfg.gradient_accumulation_steps // max(batches_per_epoch, 1)))),
+        "ss_num_train_images": str(sum(len(p.dataset.images) * p.dataset.repeats for p in instances)),
+        "ss_num_reg_images": str(sum(len(p.dataset.images) for p in classes)),
+        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+        "ss_enable_bucket": str(cfg.enable_buckets),
+        "ss_bucket_info": json.dumps(_bucket_info(parts)),
+        "ss_caption_dropout_rate": f"{cfg.caption_dropout_rate:g}",
+        "ss_shuffle_caption": str(cfg.shuffle_caption),
+        "ss_keep_tokens": str(cfg.keep_tokens),
+        "ss_flip_aug": str(cfg.flip_aug),
+        "ss_cache_latents": str(cfg.cache_latents),
+        "ss_dataset_dirs": json.dumps(folders),
+        "ss_tag_frequency": json.dumps(tag_frequency(datasets, cfg.caption_separator)),
+    }
 
 
 def _bucket_info(parts: list[DataPart]) -> dict:

@@ -218,13 +218,6 @@ def train(
             if time.time() - started > budget:
                 break
     accuracy = evaluate(model, test_images, test_labels)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: v.detach().to(torch.float16).contiguous()
-        for k, v in model.state_dict().items()
-        if v.is_floating_point()
-    }
-    save_file(state, str(out / WEIGHTS_NAME))
     meta = {
         "classes": {k: list(v) for k, v in world.attributes().items()},
         "width": width,
@@ -237,8 +230,20 @@ def train(
         "test": {"seed": seed + 100_000, "images": 4000, "split": "all", "accuracy": accuracy},
         "command": " ".join(["python -m studio.demo.classifiers", *sys.argv[1:]]),
     }
-    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    save_judges(model, meta, out)
     return meta
+
+
+def save_judges(model: WorldJudge, meta: dict, out: Path) -> None:
+    """The weights (fp16 safetensors) and their config with `meta` into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.detach().to(torch.float16).contiguous()
+        for k, v in model.state_dict().items()
+        if v.is_floating_point()
+    }
+    save_file(state, str(out / WEIGHTS_NAME))
+    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -50,66 +50,81 @@ def shape_polygon(
     shape: str, cx: float, cy: float, r: float, angle: float = 0.0
 ) -> list[tuple[float, float]]:
     """The outline of `shape` centred at (cx, cy) with circumradius about `r`, rotated by `angle` degrees."""
-    if shape == "circle":
-        pts = [(math.cos(t), math.sin(t)) for t in _turns(64)]
-    elif shape == "square":
-        s = 0.78
-        pts = [(-s, -s), (s, -s), (s, s), (-s, s)]
-    elif shape == "diamond":
-        pts = [(0, -1.0), (0.72, 0), (0, 1.0), (-0.72, 0)]
-    elif shape == "triangle":
-        pts = [(math.cos(t - math.pi / 2), math.sin(t - math.pi / 2) + 0.15) for t in _turns(3)]
-    elif shape == "star":
-        pts = []
-        for i, t in enumerate(_turns(10)):
-            rad = 1.0 if i % 2 == 0 else 0.42
-            pts.append((rad * math.cos(t - math.pi / 2), rad * math.sin(t - math.pi / 2) + 0.08))
-    elif shape == "cross":
-        a, b = 0.3, 0.9
-        pts = [
-            (-a, -b),
-            (a, -b),
-            (a, -a),
-            (b, -a),
-            (b, a),
-            (a, a),
-            (a, b),
-            (-a, b),
-            (-a, a),
-            (-b, a),
-            (-b, -a),
-            (-a, -a),
-        ]
-    elif shape == "heart":
-        pts = []
-        for t in _turns(64):
-            x = 16 * math.sin(t) ** 3
-            y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
-            pts.append((x / 17.0, -y / 17.0 - 0.05))
-    elif shape == "arrow":  # pointing right: a shaft and a head
-        pts = [(-0.95, -0.22), (0.1, -0.22), (0.1, -0.6), (0.95, 0), (0.1, 0.6), (0.1, 0.22), (-0.95, 0.22)]
-    elif shape == "bolt":  # a lightning bolt
-        pts = [
-            (0.2, -1.0),
-            (-0.55, 0.12),
-            (-0.05, 0.12),
-            (-0.25, 1.0),
-            (0.55, -0.2),
-            (0.05, -0.2),
-            (0.35, -1.0),
-        ]
-    elif shape == "moon":
-        # a crescent: the outer circle's far arc, then the inner circle's arc back (circles meet at +-58 deg)
-        outer = [(math.cos(t), math.sin(t)) for t in _span(math.radians(58), math.radians(302), 48)]
-        inner = [
-            (0.5 + 0.85 * math.cos(t), 0.85 * math.sin(t))
-            for t in _span(math.radians(272), math.radians(88), 40)
-        ]
-        pts = [(x + 0.25, y) for x, y in outer + inner]
-    else:
+    if shape not in _OUTLINES:
         raise ConfigError(f"Unknown shape {shape!r}.")
     c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
+    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in _OUTLINES[shape]()]
+
+
+def _star() -> list[tuple[float, float]]:
+    rads = [1.0 if i % 2 == 0 else 0.42 for i in range(10)]
+    return [
+        (rad * math.cos(t - math.pi / 2), rad * math.sin(t - math.pi / 2) + 0.08)
+        for rad, t in zip(rads, _turns(10))
+    ]
+
+
+def _heart() -> list[tuple[float, float]]:
+    pts = []
+    for t in _turns(64):
+        x = 16 * math.sin(t) ** 3
+        y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+        pts.append((x / 17.0, -y / 17.0 - 0.05))
+    return pts
+
+
+def _moon() -> list[tuple[float, float]]:
+    """A crescent: the outer circle's far arc, then the inner circle's arc back (circles meet at +-58 deg)."""
+    outer = [(math.cos(t), math.sin(t)) for t in _span(math.radians(58), math.radians(302), 48)]
+    inner = [
+        (0.5 + 0.85 * math.cos(t), 0.85 * math.sin(t)) for t in _span(math.radians(272), math.radians(88), 40)
+    ]
+    return [(x + 0.25, y) for x, y in outer + inner]
+
+
+_A, _B = 0.3, 0.9  # the cross's half width and half length
+# each shape's outline around (0, 0) with circumradius about 1, before scaling and rotating
+_OUTLINES = {
+    "circle": lambda: [(math.cos(t), math.sin(t)) for t in _turns(64)],
+    "square": lambda: [(-0.78, -0.78), (0.78, -0.78), (0.78, 0.78), (-0.78, 0.78)],
+    "diamond": lambda: [(0, -1.0), (0.72, 0), (0, 1.0), (-0.72, 0)],
+    "triangle": lambda: [(math.cos(t - math.pi / 2), math.sin(t - math.pi / 2) + 0.15) for t in _turns(3)],
+    "star": _star,
+    "cross": lambda: [
+        (-_A, -_B),
+        (_A, -_B),
+        (_A, -_A),
+        (_B, -_A),
+        (_B, _A),
+        (_A, _A),
+        (_A, _B),
+        (-_A, _B),
+        (-_A, _A),
+        (-_B, _A),
+        (-_B, -_A),
+        (-_A, -_A),
+    ],  # fmt: skip
+    "heart": _heart,
+    "arrow": lambda: [
+        (-0.95, -0.22),
+        (0.1, -0.22),
+        (0.1, -0.6),
+        (0.95, 0),
+        (0.1, 0.6),
+        (0.1, 0.22),
+        (-0.95, 0.22),
+    ],
+    "bolt": lambda: [
+        (0.2, -1.0),
+        (-0.55, 0.12),
+        (-0.05, 0.12),
+        (-0.25, 1.0),
+        (0.55, -0.2),
+        (0.05, -0.2),
+        (0.35, -1.0),
+    ],
+    "moon": _moon,
+}
 
 
 def _turns(n: int) -> list[float]:

@@ -40,29 +40,9 @@ from studio.core.io import atomic_write_text
 from studio.core.tokenizers import EOS, clip_tokenizer, write_tokenizer_files
 from studio.demo.architectures import build_text_encoders, build_unet, build_vae, train_scheduler
 from studio.demo.buckets import bucket_name, parse_buckets
+from studio.demo.captions import CaptionIds, keep_token_rows
 from studio.demo.pipelines import assemble_pipeline, encode_text, time_ids
 from studio.demo.world import World, world_for
-
-# Words whose token rows are kept (randomly initialised) in the shipped text encoders although the base
-# training never shows them: held-out subjects and styles, and the usual DreamBooth / TI trigger words.
-RESERVED_WORDS = (
-    "sks",
-    "ohwx",
-    "zwx",
-    "bnha",
-    "photo",
-    "of",
-    "in",
-    "the",
-    "an",
-    "with",
-    "and",
-    "made",
-    "gold",
-    "style",
-    "left",  # the 128 px world's Pairs: "a red circle on the left and a blue star on the right"
-    "right",
-)
 
 
 @dataclass(frozen=True)
@@ -198,55 +178,6 @@ def load_vae(folder: Path) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
 
 
-# ------------------------------------------------------------------------------------------------ text
-def keep_token_rows(
-    text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence, seed: int, world: World
-) -> list[int]:
-    """Zero the embedding rows of tokens the demo never uses, so shipped files are mostly zeros.
-
-    Kept: every token of the world's vocabulary (held-out words too), RESERVED_WORDS and special tokens.
-    Rows of unused tokens get no gradient, so they stay zero through training.
-    """
-    words = [w for values in world.attributes().values() for w in values]
-    words += ["a", "on", "background", "shape", ",", *RESERVED_WORDS]
-    keep: set[int] = set()
-    for tok in tokenizers:
-        keep.update(tok(" ".join(words)).input_ids)
-        keep.add(tok.pad_token_id)
-    rows = sorted(keep)
-    gen = torch.Generator().manual_seed(seed)
-    for te in text_encoders:
-        emb = te.get_input_embeddings().weight
-        with torch.no_grad():
-            kept = torch.randn(len(rows), emb.shape[1], generator=gen) * 0.02
-            emb.zero_()
-            emb[rows] = kept
-    return rows
-
-
-class CaptionIds:
-    """Token ids of captions, cached per text (the world has a few thousand distinct captions)."""
-
-    def __init__(self, tokenizers: Sequence) -> None:
-        self.tokenizers = tokenizers
-        self.cache: dict[str, list[torch.Tensor]] = {}
-
-    def __call__(self, captions: Sequence[str]) -> list[torch.Tensor]:
-        """One (batch, 77) id tensor per tokenizer."""
-        for text in set(captions) - set(self.cache):
-            self.cache[text] = [
-                tok(
-                    text,
-                    padding="max_length",
-                    max_length=tok.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids[0]
-                for tok in self.tokenizers
-            ]
-        return [torch.stack([self.cache[c][i] for c in captions]) for i in range(len(self.tokenizers))]
-
-
 # ------------------------------------------------------------------------------------------------ UNet
 def training_sets(plan: TrainPlan, work: Path, vae: AutoencoderKL, world: World) -> list[tuple]:
     """(latent mean, std, specs, (width, height)) per bucket, in the order steps take them: the world's own
@@ -292,10 +223,8 @@ def _ema_update(ema: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module
                 ema[f"{prefix}.{name}"].lerp_(p.detach(), 1 - decay)
 
 
-def train_unet(plan: TrainPlan, work: Path, vae: AutoencoderKL) -> dict[str, torch.nn.Module]:
-    """Train UNet + text encoders with the epsilon objective on captioned base-split latents."""
-    torch.manual_seed(plan.seed)
-    world = world_for(plan.image_size)
+def denoiser_modules(plan: TrainPlan, world: World) -> tuple[dict[str, torch.nn.Module], list]:
+    """({"unet", "text_encoder"[, "text_encoder_2"]}, tokenizers): new, or from --init-from."""
     unet, text_encoders = (
         build_unet(plan.family, plan.image_size),
         build_text_encoders(plan.family, plan.image_size),
@@ -309,22 +238,63 @@ def train_unet(plan: TrainPlan, work: Path, vae: AutoencoderKL) -> dict[str, tor
     }
     if plan.init_from:
         load_trained(modules, Path(plan.init_from))
+    return modules, tokenizers
+
+
+def denoising_loss(
+    plan: TrainPlan, modules: dict, ids: list, drop: list[bool], x0: torch.Tensor, size, scheduler, gen, rng
+) -> torch.Tensor:
+    """The min-SNR-5 weighted epsilon loss of one batch (captions `ids`, `drop` marking the dropped ones)."""
+    text_encoders = [m for k, m in modules.items() if k.startswith("text_encoder")]
+    embeds, pooled = encode_text(text_encoders, ids, plan.family)
+    if plan.family == "sdxl":  # half of the dropped captions become zeros (force_zeros_for_empty_prompt)
+        zero = torch.tensor([d and rng.random() < 0.5 for d in drop])[:, None]
+        embeds = torch.where(zero[:, :, None], torch.zeros_like(embeds), embeds)
+        pooled = torch.where(zero, torch.zeros_like(pooled), pooled)
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+    noisy = scheduler.add_noise(x0, noise, t)
+    extra = {}
+    if plan.family == "sdxl":
+        extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids(len(x0), size)}}
+    pred = modules["unet"](noisy, t, embeds, **extra).sample
+    alphas = scheduler.alphas_cumprod
+    snr = (alphas / (1 - alphas))[t]
+    weight = torch.clamp(snr, max=5.0) / snr
+    return (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+
+
+def _resume(ckpt_path: Path, modules: dict[str, torch.nn.Module], opt) -> tuple[dict, int, float]:
+    """(EMA weights, step, minutes so far): from the checkpoint when there is one (modules and optimizer
+    loaded from it), else a fresh start."""
+    ema = {f"{k}.{n}": p.detach().clone() for k, m in modules.items() for n, p in m.named_parameters()}
+    if (ckpt := _load_checkpoint(ckpt_path)) is None:
+        return ema, 0, 0.0
+    for key, module in modules.items():
+        module.load_state_dict(ckpt[key])
+    opt.load_state_dict(ckpt["opt"])
+    print(f"unet: resuming at step {ckpt['step']}", flush=True)
+    return ckpt["ema"], ckpt["step"], ckpt["elapsed"]
+
+
+def _load_ema(modules: dict[str, torch.nn.Module], ema: dict[str, torch.Tensor]) -> None:
+    for key, module in modules.items():
+        module.load_state_dict({n: ema[f"{key}.{n}"] for n, _ in module.named_parameters()}, strict=False)
+        module.eval()
+
+
+def train_unet(plan: TrainPlan, work: Path, vae: AutoencoderKL) -> dict[str, torch.nn.Module]:
+    """Train UNet + text encoders with the epsilon objective on captioned base-split latents."""
+    torch.manual_seed(plan.seed)
+    world = world_for(plan.image_size)
+    modules, tokenizers = denoiser_modules(plan, world)
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=plan.unet_lr, weight_decay=0.0)
-    ema = {f"{k}.{n}": p.detach().clone() for k, m in modules.items() for n, p in m.named_parameters()}
-    ckpt_path, step, elapsed = work / "unet.ckpt", 0, 0.0
-    if (ckpt := _load_checkpoint(ckpt_path)) is not None:
-        for key, module in modules.items():
-            module.load_state_dict(ckpt[key])
-        opt.load_state_dict(ckpt["opt"])
-        ema, step, elapsed = ckpt["ema"], ckpt["step"], ckpt["elapsed"]
-        print(f"unet: resuming at step {step}", flush=True)
-
+    ckpt_path = work / "unet.ckpt"
+    ema, step, elapsed = _resume(ckpt_path, modules, opt)
     sets = training_sets(plan, work, vae, world)
     scale = vae.config.scaling_factor
     scheduler = train_scheduler()
-    alphas = scheduler.alphas_cumprod
-    snr = alphas / (1 - alphas)
     ids_of = CaptionIds(tokenizers)
     gen = torch.Generator().manual_seed(plan.seed * 1000 + step)
     rng = random.Random(f"captions:{plan.seed}:{step}")
@@ -348,20 +318,7 @@ def train_unet(plan: TrainPlan, work: Path, vae: AutoencoderKL) -> dict[str, tor
         x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
         drop = [rng.random() < plan.caption_dropout for _ in idx]
         captions = ["" if d else world.caption_variant(specs[i], rng) for d, i in zip(drop, idx.tolist())]
-        embeds, pooled = encode_text(text_encoders, ids_of(captions), plan.family)
-        if plan.family == "sdxl":  # half of the dropped captions become zeros (force_zeros_for_empty_prompt)
-            zero = torch.tensor([d and rng.random() < 0.5 for d in drop])[:, None]
-            embeds = torch.where(zero[:, :, None], torch.zeros_like(embeds), embeds)
-            pooled = torch.where(zero, torch.zeros_like(pooled), pooled)
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-        noisy = scheduler.add_noise(x0, noise, t)
-        extra = {}
-        if plan.family == "sdxl":
-            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids(len(idx), size)}}
-        pred = unet(noisy, t, embeds, **extra).sample
-        weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 weighting of the epsilon loss
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss = denoising_loss(plan, modules, ids_of(captions), drop, x0, size, scheduler, gen, rng)
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(plan.unet_lr, step, plan.unet_steps)
         opt.zero_grad(set_to_none=True)
@@ -384,9 +341,7 @@ def train_unet(plan: TrainPlan, work: Path, vae: AutoencoderKL) -> dict[str, tor
             f"unet: stopped at step {step}/{plan.unet_steps} (time limit); exporting, rerun to continue",
             flush=True,
         )
-    for key, module in modules.items():  # ship the EMA weights
-        module.load_state_dict({n: ema[f"{key}.{n}"] for n, _ in module.named_parameters()}, strict=False)
-        module.eval()
+    _load_ema(modules, ema)  # ship the EMA weights
     minutes = (elapsed + time.time() - started) / 60
     return modules | {"tokenizers": tokenizers, "elapsed_minutes": minutes, "steps_done": step}
 

@@ -6,6 +6,7 @@ first, delete images; see each image's size and the bucket it trains in at a res
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 from gradio.utils import get_upload_folder
@@ -69,75 +70,89 @@ def delete(services, name: str, picked: str) -> str:
 
 def build(services) -> dict[str, gr.Dropdown]:
     """The tab; returns its list of datasets (refreshed by the page)."""
-    ws = services.workspace
     with gr.Tab("Dataset", id="dataset"):
         with gr.Row():
             with gr.Column(scale=2):
-                name = gr.Textbox(label="Dataset name", value="my-dataset")
-                files = gr.File(label="Images and their .txt captions", file_count="multiple",
-                                file_types=["image", ".txt"])  # fmt: skip
-                caption = gr.Textbox(
-                    label="Caption for images without a .txt", placeholder="a photo of sks dog"
-                )
-                add = gr.Button("Add to dataset", variant="primary")
-                with gr.Accordion("Or start from the demo world", open=False):
-                    which = gr.Dropdown(list(DEMO_SETS), value=list(DEMO_SETS)[0], label="Demo set")
-                    count = gr.Slider(4, 32, value=8, step=1, label="Images")
-                    add_demo = gr.Button("Write demo set")
-                status = gr.Markdown(elem_id="dataset-status")
+                c = add_column()
             with gr.Column(scale=3):
-                with gr.Row():
-                    pick = gr.Dropdown(
-                        ws.dataset_names(), value=None, label="Show dataset", allow_custom_value=True
-                    )
-                    resolution = gr.Number(value=64, precision=0, label="Buckets at resolution")
-                thumbs = gr.Gallery(
-                    label="Images (click to pick for deleting)", columns=6, height=240, fit_columns=False
-                )
-                table = gr.Dataframe(headers=TABLE, interactive=True, static_columns=[0, 2, 3], wrap=True,
-                                     label="Captions (edit the caption column, then save)", elem_id="captions")  # fmt: skip
-                with gr.Row():
-                    save = gr.Button("Save captions", variant="primary")
-                    picked = gr.Textbox(label="Picked images", scale=2)
-                    remove = gr.Button("Delete picked", variant="stop")
-                with gr.Row():
-                    find = gr.Textbox(label="Find")
-                    replace = gr.Textbox(label="Replace with")
-                    do_replace = gr.Button("Replace in all captions")
-                with gr.Row():
-                    trigger = gr.Textbox(label="Trigger word", placeholder="sks")
-                    do_prepend = gr.Button("Put it first in every caption")
-        view = handler(services, show, inputs={"name": None, "resolution": 64})
-        refresh = [pick, resolution]
+                c |= edit_column(services.workspace.dataset_names())
+        wire(services, SimpleNamespace(**c))
+    return {"datasets": c["pick"]}
 
-        def after_add(message: str, dataset: str):
-            return message, gr.Dropdown(choices=ws.dataset_names(), value=dataset), None
 
-        add.click(handler(services, add_images, inputs={"name": "my-dataset", "files": None, "caption": None}),
-                  [name, files, caption], status, api_name="add_images").success(
-            after_add, [status, name], [status, pick, files], api_name=False)  # fmt: skip
-        add_demo.click(handler(services, add_demo_set, inputs={"name": "my-dataset", "which": list(DEMO_SETS)[0], "count": 8}),
-                       [name, which, count], status, api_name="add_demo_set").success(
-            after_add, [status, name], [status, pick, files], api_name=False)  # fmt: skip
-        pick.change(view, refresh, [thumbs, table], api_name="show_dataset")
-        resolution.change(view, refresh, [thumbs, table], api_name=False)
+def add_column() -> dict[str, gr.components.Component]:
+    """Name, uploads and their caption, the demo world's sets, the status line."""
+    name = gr.Textbox(label="Dataset name", value="my-dataset")
+    files = gr.File(
+        label="Images and their .txt captions", file_count="multiple", file_types=["image", ".txt"]
+    )
+    caption = gr.Textbox(label="Caption for images without a .txt", placeholder="a photo of sks dog")
+    add = gr.Button("Add to dataset", variant="primary")
+    with gr.Accordion("Or start from the demo world", open=False):
+        which = gr.Dropdown(list(DEMO_SETS), value=list(DEMO_SETS)[0], label="Demo set")
+        count = gr.Slider(4, 32, value=8, step=1, label="Images")
+        add_demo = gr.Button("Write demo set")
+    status = gr.Markdown(elem_id="dataset-status")
+    return {"name": name, "files": files, "caption": caption, "add": add, "which": which, "count": count,
+            "add_demo": add_demo, "status": status}  # fmt: skip
 
-        def on_pick(event: gr.SelectData, current: str):
-            image = Path(event.value["image"]["path"]).name
-            names = [n.strip() for n in (current or "").split(",") if n.strip()]
-            names = [n for n in names if n != image] if image in names else [*names, image]
-            return ", ".join(names)
 
-        thumbs.select(on_pick, picked, picked, api_name=False)
-        edits = {"name": None, "table": None}
-        save.click(handler(services, save_captions, inputs=edits), [pick, table], status, api_name="save_captions").success(
-            view, refresh, [thumbs, table], api_name=False)  # fmt: skip
-        do_replace.click(handler(services, replace_text, inputs={"name": None, "find": None, "replace": None}),
-                         [pick, find, replace], status, api_name="replace_captions").success(
-            view, refresh, [thumbs, table], api_name=False)  # fmt: skip
-        do_prepend.click(handler(services, prepend, inputs={"name": None, "trigger": None}), [pick, trigger], status,
-                         api_name="prepend_trigger").success(view, refresh, [thumbs, table], api_name=False)  # fmt: skip
-        remove.click(handler(services, delete, inputs={"name": None, "picked": None}), [pick, picked], status,
-                     api_name="delete_images").success(view, refresh, [thumbs, table], api_name=False).success(
-            lambda: "", None, picked, api_name=False)  # fmt: skip
-    return {"datasets": pick}
+def edit_column(datasets: list[str]) -> dict[str, gr.components.Component]:
+    """The dataset shown: thumbnails, the caption grid, bulk caption edits, deleting picked images."""
+    with gr.Row():
+        pick = gr.Dropdown(datasets, value=None, label="Show dataset", allow_custom_value=True)
+        resolution = gr.Number(value=64, precision=0, label="Buckets at resolution")
+    thumbs = gr.Gallery(label="Images (click to pick for deleting)", columns=6, height=240, fit_columns=False)
+    table = gr.Dataframe(headers=TABLE, interactive=True, static_columns=[0, 2, 3], wrap=True,
+                         label="Captions (edit the caption column, then save)", elem_id="captions")  # fmt: skip
+    with gr.Row():
+        save = gr.Button("Save captions", variant="primary")
+        picked = gr.Textbox(label="Picked images", scale=2)
+        remove = gr.Button("Delete picked", variant="stop")
+    with gr.Row():
+        find = gr.Textbox(label="Find")
+        replace = gr.Textbox(label="Replace with")
+        do_replace = gr.Button("Replace in all captions")
+    with gr.Row():
+        trigger = gr.Textbox(label="Trigger word", placeholder="sks")
+        do_prepend = gr.Button("Put it first in every caption")
+    return {"pick": pick, "resolution": resolution, "thumbs": thumbs, "table": table, "save": save, "picked": picked,
+            "remove": remove, "find": find, "replace": replace, "do_replace": do_replace, "trigger": trigger,
+            "do_prepend": do_prepend}  # fmt: skip
+
+
+def wire(services, c: SimpleNamespace) -> None:
+    """The tab's events; each action refreshes the dataset shown."""
+    view = handler(services, show, inputs={"name": None, "resolution": 64})
+    refresh, shown = [c.pick, c.resolution], [c.thumbs, c.table]
+
+    def after_add(message: str, dataset: str):
+        return message, gr.Dropdown(choices=services.workspace.dataset_names(), value=dataset), None
+
+    c.add.click(handler(services, add_images, inputs={"name": "my-dataset", "files": None, "caption": None}),
+                [c.name, c.files, c.caption], c.status, api_name="add_images").success(
+        after_add, [c.status, c.name], [c.status, c.pick, c.files], api_name=False)  # fmt: skip
+    c.add_demo.click(handler(services, add_demo_set, inputs={"name": "my-dataset", "which": list(DEMO_SETS)[0], "count": 8}),
+                     [c.name, c.which, c.count], c.status, api_name="add_demo_set").success(
+        after_add, [c.status, c.name], [c.status, c.pick, c.files], api_name=False)  # fmt: skip
+    c.pick.change(view, refresh, shown, api_name="show_dataset")
+    c.resolution.change(view, refresh, shown, api_name=False)
+
+    def on_pick(event: gr.SelectData, current: str):
+        image = Path(event.value["image"]["path"]).name
+        names = [n.strip() for n in (current or "").split(",") if n.strip()]
+        names = [n for n in names if n != image] if image in names else [*names, image]
+        return ", ".join(names)
+
+    c.thumbs.select(on_pick, c.picked, c.picked, api_name=False)
+    edits = {"name": None, "table": None}
+    c.save.click(handler(services, save_captions, inputs=edits), [c.pick, c.table], c.status, api_name="save_captions").success(
+        view, refresh, shown, api_name=False)  # fmt: skip
+    c.do_replace.click(handler(services, replace_text, inputs={"name": None, "find": None, "replace": None}),
+                       [c.pick, c.find, c.replace], c.status, api_name="replace_captions").success(
+        view, refresh, shown, api_name=False)  # fmt: skip
+    c.do_prepend.click(handler(services, prepend, inputs={"name": None, "trigger": None}), [c.pick, c.trigger], c.status,
+                       api_name="prepend_trigger").success(view, refresh, shown, api_name=False)  # fmt: skip
+    c.remove.click(handler(services, delete, inputs={"name": None, "picked": None}), [c.pick, c.picked], c.status,
+                   api_name="delete_images").success(view, refresh, shown, api_name=False).success(
+        lambda: "", None, c.picked, api_name=False)  # fmt: skip

@@ -35,110 +35,24 @@ def estimate(services, values: dict) -> str:
     return f"Time estimate: about {duration(found.seconds)} (from the pace of job {found.from_job})."
 
 
+# the /train endpoint's parameters, in this order (scripts that call it by position keep working)
+FIELDS = ("method", "preset", "model", "dataset", "name", "prompt", "steps", "rank", "learning_rate", "batch_size",
+          "resolution", "prior_preservation", "class_prompt", "reg_dataset", "more", "network", "sample_prompts",
+          "sample_every")  # fmt: skip
+
+
 def build(services, tabs: gr.Tabs, jobs_view: gr.Number) -> dict[str, gr.Dropdown]:
     """The tab; returns its lists that follow the workspace (refreshed by the page)."""
-    ws = services.workspace
-    limit = PAGE_LIMITS
     with gr.Tab("Train", id="train") as tab:
         with gr.Row():
             with gr.Column():
-                with gr.Row():
-                    method = gr.Dropdown(training_methods(), value="dreambooth", label="Method")
-                    preset = gr.Dropdown(["", *preset_names("train")], value="", label="Preset (optional)")
-                with gr.Row():
-                    model = gr.Dropdown(
-                        list(DEMO_MODELS), value="demo:sd15", allow_custom_value=True, label="Base model"
-                    )
-                    dataset = gr.Dropdown(
-                        ws.dataset_names(),
-                        value=None,
-                        label="Dataset",
-                        allow_custom_value=True,
-                        elem_id="train-dataset",
-                    )
-                name = gr.Textbox(label="LoRA name", value="my-lora")
-                prompt = gr.Textbox(
-                    label="Instance prompt / trigger (for images without a caption)", value="a sks shape"
-                )
-                with gr.Row():
-                    prior = gr.Checkbox(label="Prior preservation (DreamBooth)")
-                    class_prompt = gr.Textbox(label="Class prompt", value="a shape on a blue background")
-                reg_dataset = gr.Dropdown(
-                    ws.dataset_names(),
-                    value=None,
-                    label="Regularisation dataset (style, optional)",
-                    info="captioned images without the style, trained alongside: keeps the content",
-                    allow_custom_value=True,
-                    elem_id="train-reg-dataset",
-                )
-                network = gr.Dropdown(
-                    ["lora", "locon", "loha", "lokr", "dora"],
-                    value="lora",
-                    label="Network",
-                    info="LoRA; LoCon adds the convs; LyCORIS LoHa / LoKr; DoRA (weight-decomposed LoRA)",
-                )
+                fields = what_to_train(services.workspace.dataset_names())
             with gr.Column():
-                with gr.Row():
-                    steps = gr.Number(
-                        value=300,
-                        precision=0,
-                        label="Steps",
-                        minimum=limit["steps"][0],
-                        maximum=limit["steps"][1],
-                    )
-                    rank = gr.Number(
-                        value=8, precision=0, label="Rank", minimum=limit["rank"][0], maximum=limit["rank"][1]
-                    )
-                    learning_rate = gr.Number(value=1e-3, label="Learning rate")
-                with gr.Row():
-                    batch_size = gr.Number(
-                        value=4, precision=0, label="Batch size", minimum=1, maximum=limit["batch_size"][1]
-                    )
-                    resolution = gr.Number(
-                        value=64,
-                        precision=0,
-                        label="Resolution",
-                        minimum=64,
-                        maximum=limit["resolution"][1],
-                        info="64 for the demo models, 512 SD1.5, 1024 SDXL",
-                    )
-                with gr.Row():
-                    sample_prompts = gr.Textbox(
-                        label="Sample prompts (one per line)",
-                        lines=2,
-                        value="a sks shape on a blue background",
-                    )
-                    sample_every = gr.Number(
-                        value=50, precision=0, label="Sample every N steps (0 = off)", minimum=0
-                    )
-                more = gr.Code(
-                    label="More options (TOML, any training option)",
-                    language=None,
-                    value='# e.g.\n# conv_rank = 8\n# up_lr_weight = "cosine+0.2"\n# extra_resolutions = [768, 1024]\n',
-                )
+                fields |= how_to_train()
         estimate_line = gr.Markdown(elem_id="train-estimate")
         submit = gr.Button("Queue training", variant="primary")
         status = gr.Markdown(elem_id="train-status")
-        form = Form(
-            method=method,
-            preset=preset,
-            model=model,
-            dataset=dataset,
-            name=name,
-            prompt=prompt,
-            steps=steps,
-            rank=rank,
-            learning_rate=learning_rate,
-            batch_size=batch_size,
-            resolution=resolution,
-            prior_preservation=prior,
-            class_prompt=class_prompt,
-            reg_dataset=reg_dataset,
-            more=more,
-            network=network,
-            sample_prompts=sample_prompts,
-            sample_every=sample_every,
-        )
+        form = Form(**{name: fields[name] for name in FIELDS})
         form["method"].change(  # B-LoRA is an SDXL method: offer the SDXL demo model when it is picked
             lambda method, model: "demo:sdxl" if method == "b_lora" and model == "demo:sd15" else model,
             [form["method"], form["model"]],
@@ -150,9 +64,82 @@ def build(services, tabs: gr.Tabs, jobs_view: gr.Number) -> dict[str, gr.Dropdow
             handler(services, submit_training, form), form.inputs, [status, queued], api_name="train"
         ).success(lambda job: (job, gr.Tabs(selected="jobs")), queued, [jobs_view, tabs], api_name=False)
         show_estimate = handler(services, estimate, form)
-        for field in (steps, batch_size, resolution, model, dataset):
-            field.change(show_estimate, form.inputs, estimate_line, api_name=False, show_progress="hidden")
+        for field in ("steps", "batch_size", "resolution", "model", "dataset"):
+            form[field].change(
+                show_estimate, form.inputs, estimate_line, api_name=False, show_progress="hidden"
+            )
         tab.select(
             show_estimate, form.inputs, estimate_line, api_name="train_estimate", show_progress="hidden"
         )
-    return {"datasets": dataset, "reg_datasets": reg_dataset}
+    return {"datasets": form["dataset"], "reg_datasets": form["reg_dataset"]}
+
+
+def what_to_train(datasets: list[str]) -> dict[str, gr.components.Component]:
+    """The left column: method, preset, base model, datasets, names and prompts, network type."""
+    with gr.Row():
+        method = gr.Dropdown(training_methods(), value="dreambooth", label="Method")
+        preset = gr.Dropdown(["", *preset_names("train")], value="", label="Preset (optional)")
+    with gr.Row():
+        model = gr.Dropdown(list(DEMO_MODELS), value="demo:sd15", allow_custom_value=True, label="Base model")
+        dataset = gr.Dropdown(
+            datasets, value=None, label="Dataset", allow_custom_value=True, elem_id="train-dataset"
+        )
+    name = gr.Textbox(label="LoRA name", value="my-lora")
+    prompt = gr.Textbox(label="Instance prompt / trigger (for images without a caption)", value="a sks shape")
+    with gr.Row():
+        prior = gr.Checkbox(label="Prior preservation (DreamBooth)")
+        class_prompt = gr.Textbox(label="Class prompt", value="a shape on a blue background")
+    reg_dataset = gr.Dropdown(
+        datasets,
+        value=None,
+        label="Regularisation dataset (style, optional)",
+        info="captioned images without the style, trained alongside: keeps the content",
+        allow_custom_value=True,
+        elem_id="train-reg-dataset",
+    )
+    network = gr.Dropdown(
+        ["lora", "locon", "loha", "lokr", "dora"],
+        value="lora",
+        label="Network",
+        info="LoRA; LoCon adds the convs; LyCORIS LoHa / LoKr; DoRA (weight-decomposed LoRA)",
+    )
+    return {"method": method, "preset": preset, "model": model, "dataset": dataset, "name": name, "prompt": prompt,
+            "prior_preservation": prior, "class_prompt": class_prompt, "reg_dataset": reg_dataset,
+            "network": network}  # fmt: skip
+
+
+def how_to_train() -> dict[str, gr.components.Component]:
+    """The right column: steps, rank, learning rate, batch size, resolution, samples and more options."""
+    limit = PAGE_LIMITS
+    with gr.Row():
+        steps = gr.Number(
+            value=300, precision=0, label="Steps", minimum=limit["steps"][0], maximum=limit["steps"][1]
+        )
+        rank = gr.Number(
+            value=8, precision=0, label="Rank", minimum=limit["rank"][0], maximum=limit["rank"][1]
+        )
+        learning_rate = gr.Number(value=1e-3, label="Learning rate")
+    with gr.Row():
+        batch_size = gr.Number(
+            value=4, precision=0, label="Batch size", minimum=1, maximum=limit["batch_size"][1]
+        )
+        resolution = gr.Number(
+            value=64,
+            precision=0,
+            label="Resolution",
+            minimum=64,
+            maximum=limit["resolution"][1],
+            info="64 for the demo models, 512 SD1.5, 1024 SDXL",
+        )
+    with gr.Row():
+        sample_prompts = gr.Textbox(
+            label="Sample prompts (one per line)", lines=2, value="a sks shape on a blue background"
+        )
+        sample_every = gr.Number(value=50, precision=0, label="Sample every N steps (0 = off)", minimum=0)
+    more = gr.Code(
+        label="More options (TOML, any training option)",
+        language=None,
+        value='# e.g.\n# conv_rank = 8\n# up_lr_weight = "cosine+0.2"\n# extra_resolutions = [768, 1024]\n',
+    )
+    return {"steps": steps, "rank": rank, "learning_rate": learning_rate, "batch_size": batch_size,
+            "resolution": resolution, "sample_prompts": sample_prompts, "sample_every": sample_every, "more": more}  # fmt: skip
