@@ -172,7 +172,9 @@ class Evaluator:
                 {
                     "prompt": prompt,
                     "model": self.model,
-                    "loras": [LoraSpec(Path(p), w) for p, w in loras],
+                    "loras": [
+                        LoraSpec(Path(path), *rest) for path, *rest in loras
+                    ],  # (file, weight[, blocks])
                     "seed": self.plan.seed + i,
                     "steps": self.plan.steps,
                     "cfg": self.plan.guidance,
@@ -403,37 +405,50 @@ class Evaluator:
         alone, style alone and content of one with style of the other (the paper's transfers)."""
         if self.plan.family != "sdxl":
             return [Row("b_lora", "content / style / mixed transfer", {}, note="run with --family sdxl")]
-        subject_image = self.world.dreambooth_set(n=1, shape=SUBJECT["shape"], colour=SUBJECT["colour"])[0]
-        style_spec = self.world.style_set(STYLE, n=1)[0].spec
+        return self.b_lora_rows(*self.b_lora_pair())
+
+    def b_lora_pair(
+        self, tag: str = "", images: int = 1, method: str = "b_lora", **options
+    ) -> tuple[str, str]:
+        """(content file, style file): B-LoRAs trained on `images` pictures of the subject ("a sks") and in
+        the style ("a zwx"), their content and style halves; with another `method`, its whole LoRAs."""
+        subjects = self.world.dreambooth_set(n=images, shape=SUBJECT["shape"], colour=SUBJECT["colour"])
+        styled = [self.world.render(s.spec) for s in self.world.style_set(STYLE, n=images)]
         files = {}
-        for name, image, token in (
-            ("content", subject_image.image, "sks"),
-            ("style", self.world.render(style_spec), "zwx"),
+        for half, pictures, token in (
+            ("content", [s.image for s in subjects], "sks"),
+            ("style", styled, "zwx"),
         ):
-            data = self.write_set(f"b_lora_{name}", [Sample(image, f"a {token}", None)])
-            self.train(f"b_lora_{name}", "b_lora", data, prompt=f"a {token}", use_captions=False, split=True)
-            files[name] = self.work / "loras" / f"b_lora_{name}"
-        content = f"{files['content']}_content.safetensors"
-        style = f"{files['style']}_style.safetensors"
+            name = f"b_lora{tag}_{half}"
+            data = self.write_set(name, [Sample(image, f"a {token}", None) for image in pictures])
+            self.train(name, method, data, prompt=f"a {token}", use_captions=False, split=True, **options)
+            files[half] = self.work / "loras" / name
+        if method != "b_lora":
+            return f"{files['content']}.safetensors", f"{files['style']}.safetensors"
+        return f"{files['content']}_content.safetensors", f"{files['style']}_style.safetensors"
+
+    def b_lora_rows(
+        self, content: str, style: str, weight: float = 1.0, stacked: bool = False, blocks: dict | None = None
+    ) -> list[Row]:
+        """Content alone, style alone, and both: the halves at `weight` (`stacked`: as a plain LoRA stack,
+        each half with its `blocks` weights, {"content": {block id: weight}, ...})."""
         backgrounds = _backgrounds(self.plan, (SUBJECT["colour"],))
         specs = self.plan.singles.sample(self.plan.seed, self.plan.images, "base")
+        subject_prompts = [f"a sks shape on a {bg} background" for bg in backgrounds]
         cases = {
-            "content only (sks)": (
-                [f"a sks shape on a {bg} background" for bg in backgrounds],
-                {"b_lora_content": content},
-            ),
-            "style only (zwx)": (
-                [self.world.caption(s).split(",")[0] + ", zwx style" for s in specs],
-                {"b_lora_style": style},
-            ),
-            "content sks + style zwx": (
-                [f"a sks shape on a {bg} background, zwx style" for bg in backgrounds],
-                {"b_lora_content": content, "b_lora_style": style},
-            ),
-        }
+            "content only (sks)": (subject_prompts, {"content": content}),
+            "style only (zwx)": ([self.world.caption(s).split(",")[0] + ", zwx style" for s in specs], {"style": style}),
+            "content sks + style zwx": ([p + ", zwx style" for p in subject_prompts], {"content": content, "style": style}),
+        }  # fmt: skip
         rows = []
-        for case, (prompts, extra) in cases.items():
-            images = self.generate(prompts, (), **extra)
+        for case, (prompts, halves) in cases.items():
+            if stacked:
+                stack = [(Path(f), weight, (blocks or {}).get(half)) for half, f in halves.items()]
+                images = self.generate(prompts, stack)
+            else:
+                images = self.generate(
+                    prompts, (), **{f"b_lora_{k}": f"{f}:{weight}" for k, f in halves.items()}
+                )
             rows.append(
                 Row("b_lora", case, subject_style_metrics(self.judge(images), SUBJECT, STYLE), images)
             )

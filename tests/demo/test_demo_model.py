@@ -22,7 +22,9 @@ RECORD = Path(__file__).with_name("eval_quick_sd15.json")
 MARGIN = 0.375  # 8 images per line: three images; a CPU with other vector units may drift by one or two
 
 
-@pytest.mark.parametrize("name, size", [("sd15", 64), ("sdxl", 64), ("sd15-128", 128), ("sd15-128", 64)])
+@pytest.mark.parametrize(
+    "name, size", [("sd15", 64), ("sdxl", 64), ("sd15-128", 128), ("sd15-128", 64), ("sdxl-128", 128)]
+)
 def test_base_model_follows_prompts_well_above_chance(name, size):
     # Half of the README's measurement (64 prompts from seed 1000): chance is the most common value's share.
     # The 128 px model also at 64 px: it was trained with size buckets (pictures of half its size).
