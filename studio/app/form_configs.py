@@ -16,9 +16,10 @@ from studio.app.confine import confine
 from studio.app.regions import regions_from_rows
 from studio.app.workspace import Workspace
 from studio.core.errors import ConfigError
+from studio.core.model_paths import DEMO_MODELS as BUILT_IN
 from studio.core.options import build_config, load_preset
 
-DEMO_MODELS = ("demo:sd15", "demo:sdxl")
+DEMO_MODELS = tuple(f"demo:{name}" for name in BUILT_IN)  # demo:sd15, demo:sdxl and their 128 px twins
 # What the page lets a job ask for (the command line has the config's own, wider bounds): a typo such as
 # 1,000,000,000 steps is refused with the limit named, not queued.
 PAGE_LIMITS = {"steps": (1, 100_000), "resolution": (64, 2048), "batch_size": (1, 64), "rank": (1, 256),

@@ -339,3 +339,16 @@ def test_page_refuses_a_job_pointed_outside_the_workspace(client):
     demo_set(client, "outside")
     with pytest.raises(Exception, match="output_dir: .*outside the workspace"):
         train(client, "outside", "x", more='output_dir = "/tmp/elsewhere"')
+
+
+def test_the_train_form_follows_the_demo_model_picked():
+    from studio.app.form_configs import DEMO_MODELS
+    from ui.tabs.train import demo_resolution, sdxl_for_b_lora
+
+    assert DEMO_MODELS == ("demo:sd15", "demo:sdxl", "demo:sd15-128", "demo:sdxl-128")
+    assert [demo_resolution(m, 512) for m in DEMO_MODELS] == [64, 64, 128, 128]
+    assert demo_resolution("models/mine.safetensors", 512) == 512  # a user's model keeps the field's value
+    assert sdxl_for_b_lora("b_lora", "demo:sd15-128") == "demo:sdxl-128"
+    assert sdxl_for_b_lora("b_lora", "demo:sd15") == "demo:sdxl"
+    assert sdxl_for_b_lora("style", "demo:sd15") == "demo:sd15"
+    assert sdxl_for_b_lora("b_lora", "models/mine.safetensors") == "models/mine.safetensors"

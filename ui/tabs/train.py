@@ -13,6 +13,7 @@ import gradio as gr
 from studio.app.form_configs import DEMO_MODELS, PAGE_LIMITS, training_methods
 from studio.app.job_view import duration
 from studio.core.errors import StudioError
+from studio.core.model_paths import DEMO_MODELS as DEMO_SIZES
 from studio.core.options import preset_names
 from ui.forms import Form, handler
 
@@ -35,6 +36,19 @@ def estimate(services, values: dict) -> str:
     return f"Time estimate: about {duration(found.seconds)} (from the pace of job {found.from_job})."
 
 
+def sdxl_for_b_lora(method: str, model: str) -> str:
+    """B-LoRA is an SDXL method: picked with an SD1.5 demo model, the form offers that model's SDXL twin."""
+    if method == "b_lora" and model in ("demo:sd15", "demo:sd15-128"):
+        return model.replace("sd15", "sdxl")
+    return model
+
+
+def demo_resolution(model: str, resolution):
+    """A demo model trains at the size of its world (64 or 128 px); other models keep what the field says."""
+    name = (model or "").removeprefix("demo:")
+    return DEMO_SIZES[name][1] if (model or "").startswith("demo:") and name in DEMO_SIZES else resolution
+
+
 # the /train endpoint's parameters, in this order (scripts that call it by position keep working)
 FIELDS = ("method", "preset", "model", "dataset", "name", "prompt", "steps", "rank", "learning_rate", "batch_size",
           "resolution", "prior_preservation", "class_prompt", "reg_dataset", "more", "network", "sample_prompts",
@@ -53,11 +67,9 @@ def build(services, tabs: gr.Tabs, jobs_view: gr.Number) -> dict[str, gr.Dropdow
         submit = gr.Button("Queue training", variant="primary")
         status = gr.Markdown(elem_id="train-status")
         form = Form(**{name: fields[name] for name in FIELDS})
-        form["method"].change(  # B-LoRA is an SDXL method: offer the SDXL demo model when it is picked
-            lambda method, model: "demo:sdxl" if method == "b_lora" and model == "demo:sd15" else model,
-            [form["method"], form["model"]],
-            form["model"],
-            api_name=False,
+        form["method"].change(sdxl_for_b_lora, [form["method"], form["model"]], form["model"], api_name=False)
+        form["model"].change(
+            demo_resolution, [form["model"], form["resolution"]], form["resolution"], api_name=False
         )
         queued = gr.Number(visible=False)
         submit.click(
