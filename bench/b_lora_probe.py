@@ -8,7 +8,9 @@ eval's prompts, seeds and images per line:
 - the strength: both halves loaded at weight 0.5;
 - the data: eight pictures of the subject and eight in the style instead of one;
 - the blocks (control): an ordinary LoRA on every UNet attention block, trained on the same one image, its
-  two files stacked. If it transfers where B-LoRA does not, the two blocks are what fails here.
+  two files stacked. If it transfers where B-LoRA does not, the two blocks are what fails here;
+- each attention block alone (where does this model keep content, where style?), and B-LoRA's recipe on other
+  pairs of blocks (both trained on the one image; each half loaded with the other's block at weight 0).
 
     python bench/b_lora_probe.py --out /tmp/blora --threads 2     # writes bench/results/b_lora_probe.md
 """
@@ -63,8 +65,10 @@ PAIRS = {
     "pair: OUT02 content + OUT03 style": ("OUT02", "OUT03"),
     "pair: OUT00 content + OUT01 style": ("OUT00", "OUT01"),
 }
+PAIRS["pair: OUT02 content + OUT03 style, 8 pictures per half"] = ("OUT02", "OUT03")
 for name, (content_block, style_block) in PAIRS.items():
-    VARIANTS[name] = ({"blocks": [content_block, style_block], "layers": LAYERS}, 1, 1.0, "dreambooth")
+    pictures = 8 if "8 pictures" in name else 1
+    VARIANTS[name] = ({"blocks": [content_block, style_block], "layers": LAYERS}, pictures, 1.0, "dreambooth")
 CASES = ("content only (sks)", "style only (zwx)", "content sks + style zwx")
 
 
