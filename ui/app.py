@@ -54,18 +54,12 @@ def follow_workspace(
                 + [[e.row() for e in services.library.entries()]])  # fmt: skip
 
     def if_changed(before):
-        gone = services.workspace.gone()
-        if gone:
-            return [gr.skip()] * (len(lora_lists) + len(dataset_lists) + 1) + [
-                before,
-                gr.Markdown(f"**{gone}**", visible=True),
-            ]
+        unchanged = [gr.skip()] * (len(lora_lists) + len(dataset_lists) + 1)
+        if gone := services.workspace.gone():
+            return [*unchanged, before, gr.Markdown(f"**{gone}**", visible=True)]
         now = services.version()
         if now == before:
-            return [gr.skip()] * (len(lora_lists) + len(dataset_lists) + 1) + [
-                before,
-                gr.Markdown(visible=False),
-            ]
+            return [*unchanged, before, gr.Markdown(visible=False)]
         return [*lists(), now, gr.Markdown(visible=False)]
 
     outputs = [*lora_lists, *dataset_lists, lib, seen, banner]

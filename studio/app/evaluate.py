@@ -172,9 +172,7 @@ class Evaluator:
                 {
                     "prompt": prompt,
                     "model": self.model,
-                    "loras": [
-                        LoraSpec(Path(path), *rest) for path, *rest in loras
-                    ],  # (file, weight[, blocks])
+                    "loras": [LoraSpec(Path(path), *rest) for path, *rest in loras],  # weight[, blocks]
                     "seed": self.plan.seed + i,
                     "steps": self.plan.steps,
                     "cfg": self.plan.guidance,

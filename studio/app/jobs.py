@@ -84,6 +84,7 @@ class JobStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._uri = self.path.resolve().as_uri()
         with self._connect(create=True) as db:
             db.executescript(_SCHEMA)
             columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
@@ -98,9 +99,10 @@ class JobStore:
     def _connect(self, create: bool = False) -> Iterator[sqlite3.Connection]:
         """A connection; only the constructor may make the file, so a queue deleted under a running studio
         is reported, never silently replaced by an empty one."""
-        uri = f"{self.path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
         try:
-            db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None)
+            db = sqlite3.connect(
+                f"{self._uri}?mode={'rwc' if create else 'rw'}", uri=True, timeout=30, isolation_level=None
+            )
         except sqlite3.OperationalError as exc:
             if create or self.path.is_file():
                 raise

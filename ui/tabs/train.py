@@ -14,6 +14,7 @@ from studio.app.form_configs import DEMO_MODELS, PAGE_LIMITS, training_methods
 from studio.app.job_view import duration
 from studio.core.errors import StudioError
 from studio.core.model_paths import DEMO_MODELS as DEMO_SIZES
+from studio.core.model_paths import demo_model_name
 from studio.core.options import preset_names
 from ui.forms import Form, handler
 
@@ -36,17 +37,24 @@ def estimate(services, values: dict) -> str:
     return f"Time estimate: about {duration(found.seconds)} (from the pace of job {found.from_job})."
 
 
+def _built_in(model: str | None) -> tuple[str, int] | None:
+    """(family, image size) of a built-in demo model choice ("demo:sd15-128"), None for any other model."""
+    text = model or ""
+    return DEMO_SIZES.get(text.removeprefix("demo:")) if text.startswith("demo:") else None
+
+
 def sdxl_for_b_lora(method: str, model: str) -> str:
-    """B-LoRA is an SDXL method: picked with an SD1.5 demo model, the form offers that model's SDXL twin."""
-    if method == "b_lora" and model in ("demo:sd15", "demo:sd15-128"):
-        return model.replace("sd15", "sdxl")
+    """B-LoRA is an SDXL method: picked with an SD1.5 demo model, the form offers the SDXL one of its size."""
+    built_in = _built_in(model)
+    if method == "b_lora" and built_in and built_in[0] == "sd15":
+        return f"demo:{demo_model_name('sdxl', built_in[1])}"
     return model
 
 
 def demo_resolution(model: str, resolution):
     """A demo model trains at the size of its world (64 or 128 px); other models keep what the field says."""
-    name = (model or "").removeprefix("demo:")
-    return DEMO_SIZES[name][1] if (model or "").startswith("demo:") and name in DEMO_SIZES else resolution
+    built_in = _built_in(model)
+    return built_in[1] if built_in else resolution
 
 
 # the /train endpoint's parameters, in this order (scripts that call it by position keep working)
