@@ -26,8 +26,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench/results/b_lora_probe.md"
 
-from records import cpu_name, variant_args, with_kept_variants, write_variant_results  # noqa: E402  (bench/ is on the path as a script)
+from records import command_flags, cpu_name, variant_args, with_kept_variants, write_variant_results  # noqa: E402  (bench/ is on the path as a script)
 
 from studio.app.evaluate import EvalPlan, Evaluator  # noqa: E402
 
@@ -83,21 +84,8 @@ def run_variant(ev: Evaluator, index: int, name: str) -> list[dict]:
     return [{"variant": name, "case": row.case, **row.metrics} for row in rows]
 
 
-def command_flags(args) -> str:
-    """This run's options as typed (the ones left at their default left out)."""
-    flags = [f"--out {args.out}", f"--images {args.images}", f"--threads {args.threads}"]
-    flags += [f"--seed {args.seed}"] * (args.seed != 5000) + ["--append"] * args.append
-    if args.names != list(VARIANTS):
-        flags.append(f'--variants "{"|".join(args.names)}"')
-    if args.results != ROOT / "bench/results/b_lora_probe.md":
-        flags.append(
-            f"--results {args.results.relative_to(ROOT) if args.results.is_relative_to(ROOT) else args.results}"
-        )
-    return " ".join(flags)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = variant_args(__doc__, list(VARIANTS), ROOT / "bench/results/b_lora_probe.md", argv, sep="|")
+    args = variant_args(__doc__, list(VARIANTS), RESULTS, argv, sep="|")
     torch.set_num_threads(args.threads)
     ev = Evaluator(EvalPlan(out=args.out, images=args.images, family="sdxl", image_size=128, seed=args.seed))
     record, started = [], time.time()
@@ -109,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# B-LoRA transfers by recipe, strength, data and blocks (SDXL demo model, 128 px world)",
         "",
-        f"Command: `python bench/b_lora_probe.py {command_flags(args)}`  ",
+        f"Command: `python bench/b_lora_probe.py {command_flags(args, list(VARIANTS), RESULTS, ROOT)}`  ",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
         f"{minutes:.1f} min. Shares of {args.images} images the judges read as the heart (subject), framed "
         "(style) and both.",

@@ -64,3 +64,15 @@ def write_variant_results(args, lines: list[str], record: list[dict]) -> None:
     args.results.write_text("\n".join(lines) + "\n")
     args.results.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.results}")
+
+
+def command_flags(args, variants: list[str], default_results: Path, root: Path) -> str:
+    """A variant bench's options as typed for its record (the ones left at their default left out)."""
+    flags = [f"--out {args.out}", f"--images {args.images}", f"--threads {args.threads}"]
+    flags += [f"--seed {args.seed}"] * (args.seed != 5000) + ["--append"] * args.append
+    if args.names != list(variants):
+        flags.append(f'--variants "{"|".join(args.names)}"')
+    if args.results != default_results:
+        shown = args.results.relative_to(root) if args.results.is_relative_to(root) else args.results
+        flags.append(f"--results {shown}")
+    return " ".join(flags)

@@ -4,6 +4,9 @@ and a picture of the boxes over the canvas.
     >>> rows = [[0, 0, 0.5, 1, "a red circle", "", 1], [0.5, 0, 1, 1, "", "", 1]]
     >>> [r.prompt for r in regions_from_rows(None, rows)]  # rows without a prompt are left out
     ['a red circle']
+    >>> rows, pending = drawn_box(BLANK_ROWS, None, 64, 32)  # a first click on the canvas holds a corner
+    >>> drawn_box(rows, pending, 192, 224)[0][0][:4]  # the second makes the box, in the first blank row
+    [0.25, 0.12, 0.75, 0.88]
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from studio.core.errors import ConfigError
 
 HEADERS = ["x0", "y0", "x1", "y1", "prompt", "LoRA", "weight"]
 BLANK_ROWS = [[0, 0, 0.5, 1, "", "", 1.0], [0.5, 0, 1, 1, "", "", 1.0]]
+CANVAS = 256  # the preview's side in pixels
 COLOURS = ["#e4572e", "#29335c", "#f3a712", "#669bbc", "#a8c686", "#8d6a9f"]
 
 
@@ -79,11 +83,42 @@ def rows_from_record(regions: list[dict], ws_relative) -> list[list]:
     return rows or [list(row) for row in BLANK_ROWS]
 
 
-def preview(rows: Any, size: int = 256) -> Image.Image:
+def drawn_box(rows: Any, pending: Any, x: float, y: float, size: int = CANVAS) -> tuple[list[list], Any]:
+    """A click at pixel (x, y) of the canvas: the first click holds a corner (returned as pending), the
+    second makes the box between the two corners, in fractions of the image, as the first row still blank
+    (no prompt, its box as the table starts) or as a new row. (rows, pending corner or None)."""
+    corner = (min(max(x / size, 0.0), 1.0), min(max(y / size, 0.0), 1.0))
+    if not pending:
+        return _rows(rows), list(corner)
+    (ax, ay), (bx, by) = pending, corner
+    box = [round(min(ax, bx), 2), round(min(ay, by), 2), round(max(ax, bx), 2), round(max(ay, by), 2)]
+    if box[2] - box[0] < 0.02 or box[3] - box[1] < 0.02:  # two clicks on one spot: start again from it
+        return _rows(rows), list(corner)
+    rows = _rows(rows)
+    blanks = [b[:4] for b in BLANK_ROWS]
+    for row in rows:
+        if not _has_prompt(row) and [_number(v) for v in row[:4]] in blanks:
+            row[:4] = box
+            return rows, None
+    return [*rows, [*box, "", "", 1.0]], None
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def preview(rows: Any, size: int = CANVAS, pending: Any = None) -> Image.Image:
     """The canvas with each region's box and prompt drawn on it (corners in 0-1, or pixels of a
-    `size`-pixel image)."""
+    `size`-pixel image), and a cross at a drawn box's first corner while the second is awaited."""
     canvas = Image.new("RGB", (size, size), "#f4f4f4")
     draw = ImageDraw.Draw(canvas, "RGBA")
+    if pending:
+        x, y = pending[0] * size, pending[1] * size
+        draw.line([(x - 8, y), (x + 8, y)], fill="#e4572e", width=2)
+        draw.line([(x, y - 8), (x, y + 8)], fill="#e4572e", width=2)
     for row in _rows(rows):  # rows still without a prompt: a thin grey outline
         if len(row) >= 4 and not _has_prompt(row) and _drawable(box := _pixel_box(row, size)):
             draw.rectangle(box, outline="#b0b0b0", width=1)

@@ -80,6 +80,33 @@ def test_the_history_shows_thumbnails(page):
     page.get_by_text("History: every image of this workspace").click()  # closed again for the next tests
 
 
+def loaded(page, image) -> str:
+    """The image's address once the browser has drawn it (a click before lands on a picture still loading)."""
+    image.wait_for(timeout=10_000)
+    page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=image.element_handle(), timeout=10_000)
+    return image.get_attribute("src")
+
+
+def test_a_region_is_drawn_by_two_clicks_on_the_canvas(page, shots):
+    """Two clicks on the regions' canvas (a quarter in from the top-left, a quarter in from the bottom-right)
+    put that box in the table's first blank row, and the canvas redraws."""
+    page.get_by_text("Regions: a prompt (and a LoRA) per box of the image").click()
+    canvas = page.locator("#generate-canvas img")
+    before = loaded(page, canvas)
+    box = canvas.bounding_box()
+    canvas.click(position={"x": box["width"] / 4, "y": box["height"] / 4})  # scrolled into view first
+    expect(canvas).not_to_have_attribute("src", before, timeout=10_000)  # the first corner marked
+    marked = loaded(page, canvas)
+    canvas.click(position={"x": box["width"] * 3 / 4, "y": box["height"] * 3 / 4})
+    expect(canvas).not_to_have_attribute("src", marked, timeout=10_000)
+    table = page.locator("#generate-regions")
+    for corner in ("0.25", "0.75"):
+        expect(table).to_contain_text(corner, timeout=10_000)
+    expect(table).to_contain_text("0.5")  # the second blank row kept
+    page.screenshot(path=str(shots / "region-drawn.png"), full_page=True)
+    page.get_by_text("Regions: a prompt (and a LoRA) per box of the image").click()  # closed again
+
+
 def test_a_bad_value_shows_an_error_and_the_page_still_works(page):
     page.get_by_role("tab", name="Dataset").click()
     page.get_by_label("Dataset name").fill("../outside")

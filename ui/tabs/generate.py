@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio.app.form_configs import DEMO_MODELS
-from studio.app.regions import BLANK_ROWS, HEADERS, preview
+from studio.app.regions import BLANK_ROWS, HEADERS, drawn_box, preview
 from ui.forms import Form, handler
 
 MODES = ["merge", "switch", "composite"]
@@ -104,12 +104,14 @@ def build(services) -> dict[str, gr.components.Component]:
 
 
 def _regions(ws) -> tuple[gr.Dataframe, gr.Slider, gr.Radio]:
-    """A prompt (and a LoRA) per box: typed in a table, drawn over the canvas as they are typed."""
+    """A prompt (and a LoRA) per box: typed in a table or drawn by two clicks on the canvas, which shows
+    the boxes as they are."""
     with gr.Accordion("Regions: a prompt (and a LoRA) per box of the image", open=False):
         gr.Markdown(
-            "Corners as fractions of the image (0-1) or in pixels. The prompt above covers the rest of the "
-            "image; rows without a prompt are left out. LoRA: a file of the workspace (e.g. "
-            "`loras/dog.safetensors`), added to the stack inside its box."
+            "Corners as fractions of the image (0-1) or in pixels; or click two opposite corners on the "
+            "canvas to draw a box. The prompt above covers the rest of the image; rows without a prompt are "
+            "left out. LoRA: a file of the workspace (e.g. `loras/dog.safetensors`), added to the stack "
+            "inside its box."
         )
         with gr.Row():
             table = gr.Dataframe(
@@ -117,8 +119,10 @@ def _regions(ws) -> tuple[gr.Dataframe, gr.Slider, gr.Radio]:
                 row_count=2, column_count=7, interactive=True, type="array", scale=3,
                 elem_id="generate-regions",
             )  # fmt: skip
-            canvas = gr.Image(value=preview(BLANK_ROWS), label="Boxes over the canvas", interactive=False,
-                              height=200, scale=1)  # fmt: skip
+            canvas = gr.Image(value=preview(BLANK_ROWS), label="Boxes over the canvas: click two corners to add one",
+                              interactive=False, height=256, width=256, scale=1, min_width=256, buttons=[],
+                              elem_id="generate-canvas")  # fmt: skip
+            corner = gr.State(None)
         with gr.Row():
             base = gr.Slider(0, 1, value=0.2, step=0.05, label="Global prompt kept inside the boxes")
             mode = gr.Radio(
@@ -126,6 +130,20 @@ def _regions(ws) -> tuple[gr.Dataframe, gr.Slider, gr.Radio]:
                 value="mask", label="Regions drawn as", elem_id="generate-region-mode",
             )  # fmt: skip
         table.change(preview, table, canvas, api_name=False, show_progress="hidden")
+
+        def on_click(rows, pending, event: gr.SelectData):
+            """The first corner is only marked (the table untouched), the second adds the box."""
+            rows, pending = drawn_box(rows, pending, *event.index)
+            return gr.skip() if pending else rows, pending, preview(rows, pending=pending)
+
+        canvas.select(
+            on_click,
+            [table, corner],
+            [table, corner, canvas],
+            api_name=False,
+            show_progress="hidden",
+            trigger_mode="always_last",  # a quick second click waits for the first (not dropped)
+        )
     return table, base, mode
 
 
