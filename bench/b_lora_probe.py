@@ -17,7 +17,6 @@ eval's prompts, seeds and images per line:
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench/results/b_lora_probe.md"
 
-from records import command_flags, cpu_name, variant_args, with_kept_variants, write_variant_results  # noqa: E402  (bench/ is on the path as a script)
+from records import command_flags, record_head, variant_args, with_kept_variants, write_variant_results  # noqa: E402  (bench/ is on the path as a script)
 
 from studio.app.evaluate import EvalPlan, Evaluator  # noqa: E402
 
@@ -95,13 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.time() - started) / 60
     record, names = with_kept_variants(args, record)
     lines = [
-        "# B-LoRA transfers by recipe, strength, data and blocks (SDXL demo model, 128 px world)",
-        "",
-        f"Command: `python bench/b_lora_probe.py {command_flags(args, list(VARIANTS), RESULTS, ROOT)}`  ",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
-        f"{minutes:.1f} min. Shares of {args.images} images the judges read as the heart (subject), framed "
-        "(style) and both.",
-        "",
+        *record_head(
+            "B-LoRA transfers by recipe, strength, data and blocks (SDXL demo model, 128 px world)",
+            "b_lora_probe.py",
+            command_flags(args, list(VARIANTS), RESULTS, ROOT),
+            f"{minutes:.1f} min. Shares of {args.images} images the judges read as the heart (subject), framed "
+            "(style) and both.",
+        ),  # fmt: skip
         "| variant | content only: subject | style only: style | mixed: subject | mixed: style | mixed: both |",
         "|---|---|---|---|---|---|",
     ]

@@ -9,12 +9,14 @@ each subject on the eval's prompts ("a sks shape on a <colour> background"), see
 
     python bench/fusion_probe.py --out /tmp/fusion        # writes bench/results/fusion_probe.md
 
-LoRA files already in <out>/work/loras (from an earlier run of this bench) are reused.
+LoRA files already in <out>/work/loras (from an earlier run of this bench) are reused. `--world 128` runs it
+in the 128 px world; `--layers` and `--lora-steps` train the two subject LoRAs on other modules (e.g. only
+the cross-attention's keys and values, `attn2.to_k,attn2.to_v`, as Custom Diffusion does: their inputs are
+the prompt's embeddings, which differ between the two concepts) or for other steps.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,12 +25,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench/results/fusion_probe.md"
 
-from records import cpu_name, variant_args, with_kept_variants, write_variant_results  # noqa: E402  (bench/ is on the path as a script)
+from records import command_flags, record_head, variant_args, with_kept_variants, write_variant_results  # noqa: E402  (bench/ is on the path as a script)
 
 from studio.app.evaluate import EvalPlan, Evaluator  # noqa: E402
 from studio.demo.concepts import SUBJECT, SUBJECT_2  # noqa: E402
-from studio.demo.world import WORLD  # noqa: E402
 
 SUBJECTS = (SUBJECT, SUBJECT_2)
 # merge options per line; "data" = each LoRA's training folder as its references
@@ -36,25 +38,45 @@ VARIANTS: dict[str, dict] = {
     "prompt only, 4 samples": {"fusion_samples": 4},
     "prompt only, 16 samples": {"fusion_samples": 16},
     "training images, prompt only, 16 samples": {"data": True, "reference_captions": False},
-    "training images + captions, 8 samples": {"data": True, "fusion_samples": 8},
-    "training images + captions, 16 samples": {"data": True, "fusion_samples": 16},
-    "training images + captions, 32 samples": {"data": True, "fusion_samples": 32},
+    "training images + captions, 8 samples": {"data": True, "reference_captions": True, "fusion_samples": 8},
+    "training images + captions, 16 samples": {
+        "data": True,
+        "reference_captions": True,
+        "fusion_samples": 16,
+    },
+    "training images + captions, 32 samples": {
+        "data": True,
+        "reference_captions": True,
+        "fusion_samples": 32,
+    },
 }
+# the eval's setting (training images, prompt only, 16 samples) with another ridge, pulled toward the base
+# weights (the default) or toward the exact sum
+for ridge in (1e-2, 1e-1, 1.0):
+    VARIANTS[f"eval's setting, ridge {ridge:g}"] = {"data": True, "fusion_ridge": ridge}
+for ridge in (1e-3, 1e-2, 1e-1):
+    VARIANTS[f"eval's setting, anchored to the sum, ridge {ridge:g}"] = {
+        "data": True,
+        "fusion_ridge": ridge,
+        "fusion_anchor": "sum",
+    }
 
 
-def subject_loras(ev: Evaluator) -> tuple[list[Path], list[Path]]:
-    """The two ordinary subject LoRAs (trained unless already in work/loras) and their training folders."""
+def subject_loras(ev: Evaluator, training: dict) -> tuple[list[Path], list[Path]]:
+    """The two ordinary subject LoRAs (trained with `training` options unless already in work/loras) and their
+    training folders."""
     files, folders = [], []
+    tag = "".join(f"_{k}_{'-'.join(v) if isinstance(v, list) else v}" for k, v in training.items())
     for subject in SUBJECTS:
-        samples = WORLD.dreambooth_set(
+        samples = ev.world.dreambooth_set(
             n=ev.plan.train_images, shape=subject["shape"], colour=subject["colour"], token=subject["token"]
         )
         folders.append(ev.write_set(f"subject_{subject['shape']}", samples))
-        name = f"dreambooth_{subject['shape']}"
+        name = f"dreambooth_{subject['shape']}{tag}"
         existing = ev.work / "loras" / f"{name}.safetensors"
         if existing.is_file():
             ev.loras[name] = existing
-        files.append(ev.subject_lora(subject))
+        files.append(ev.subject_lora(subject, tag=tag, **training))
     return files, folders
 
 
@@ -95,12 +117,20 @@ def table(record: list[dict], names: list[str]) -> list[str]:
     return lines
 
 
+def own_options(parser) -> None:
+    parser.add_argument("--world", type=int, default=64, choices=(64, 128), help="the demo world's size")
+    parser.add_argument("--layers", default="", help="train the subject LoRAs on these modules only")
+    parser.add_argument("--lora-steps", type=int, default=None, help="the subject LoRAs' training steps")
+
+
 def main(argv: list[str] | None = None) -> int:
     lines_of = ["each alone", "exact sum (concat)"] + list(VARIANTS)
-    args = variant_args(__doc__, lines_of, ROOT / "bench/results/fusion_probe.md", argv, sep="|")
+    args = variant_args(__doc__, lines_of, RESULTS, argv, sep="|", more=own_options)
     torch.set_num_threads(args.threads)
-    ev = Evaluator(EvalPlan(out=args.out, images=args.images, seed=args.seed))
-    files, folders = subject_loras(ev)
+    ev = Evaluator(EvalPlan(out=args.out, images=args.images, seed=args.seed, image_size=args.world))
+    training = {"layers": args.layers.split(",")} if args.layers else {}
+    training |= {"max_steps": args.lora_steps} if args.lora_steps else {}
+    files, folders = subject_loras(ev, training)
     record: list[dict] = []
     for name in args.names:
         if name == "each alone":
@@ -113,16 +143,18 @@ def main(argv: list[str] | None = None) -> int:
             record += run_variant(ev, name, VARIANTS[name], files, folders)
         print(record[-2:], flush=True)
     record, names = with_kept_variants(args, record)
+    flags = command_flags(args, lines_of, RESULTS, ROOT)
+    flags += f" --world {args.world}" * (args.world != 64) + f" --layers {args.layers}" * bool(args.layers)
+    flags += f" --lora-steps {args.lora_steps}" * bool(args.lora_steps)
     lines = [
-        "# Gradient fusion: which recorded inputs keep each concept (SD1.5 demo model, 64 px)",
-        "",
-        f"Command: `python bench/fusion_probe.py --out {args.out} --images {args.images} --seed {args.seed}`  ",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f'{time.strftime("%Y-%m-%d")}. Each subject judged on {args.images} images of "a <token> shape on a '
-        f"<colour> background\" (the eval's prompts; seeds {args.seed} on, the eval's are 5000 on): subject = "
-        "share read as that subject, bg = "
-        "share with the prompted background.",
-        "",
+        *record_head(
+            f"Gradient fusion: which recorded inputs keep each concept (SD1.5 demo model, {args.world} px)",
+            "fusion_probe.py",
+            flags,
+            f'each subject judged on {args.images} images of "a <token> shape on a <colour> background" (the '
+            f"eval's prompts; seeds {args.seed} on, the eval's are 5000 on): subject = share read as that "
+            "subject, bg = share with the prompted background.",
+        ),  # fmt: skip
         *table(record, names),
     ]
     write_variant_results(args, lines, record)

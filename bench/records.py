@@ -30,10 +30,13 @@ def previous_notes(path: Path, end_marker: str | None = None) -> str:
     return notes.rstrip() + "\n"
 
 
-def variant_args(doc: str, variants: list[str], results: Path, argv: list[str] | None, sep: str):
+def variant_args(doc: str, variants: list[str], results: Path, argv: list[str] | None, sep: str, more=None):
     """The command line of a bench that trains one variant per line: --out, --images, --variants (names
-    joined by `sep`), --threads, --seed, --results and --append (keep recorded lines of variants not run now)."""
+    joined by `sep`), --threads, --seed, --results and --append (keep recorded lines of variants not run now);
+    `more(parser)` adds the bench's own options."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if more:
+        more(parser)
     parser.add_argument("--out", type=Path, required=True, help="work folder (LoRAs, data)")
     parser.add_argument("--images", type=int, default=24, help="judged images per line")
     parser.add_argument("--variants", default=sep.join(variants), help=f"names separated by {sep!r}")
@@ -76,3 +79,20 @@ def command_flags(args, variants: list[str], default_results: Path, root: Path) 
         shown = args.results.relative_to(root) if args.results.is_relative_to(root) else args.results
         flags.append(f"--results {shown}")
     return " ".join(flags)
+
+
+def record_head(title: str, script: str, flags: str, about: str) -> list[str]:
+    """A bench record's first lines: its title, the command that made it, the machine and date, `about`."""
+    import os
+    import time
+
+    import torch
+
+    return [
+        f"# {title}",
+        "",
+        f"Command: `python bench/{script} {flags}`  ",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+        f"; {about}",
+        "",
+    ]

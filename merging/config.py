@@ -149,6 +149,11 @@ class MergeConfig:
     fusion_ridge: float = option(
         1e-3, "fusion: ridge added to each layer's input Gram matrix, relative to its mean diagonal", min=0.0
     )
+    fusion_anchor: Literal["base", "sum"] = option(
+        "base",
+        "fusion: what the ridge pulls each layer toward where the recorded inputs do not decide it: the base "
+        "weights (no change) or the exact sum of the LoRAs",
+    )
     # --- orthogonal / report --------------------------------------------------------------------
     ortho_tolerance: float = option(
         0.005,

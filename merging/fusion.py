@@ -65,7 +65,8 @@ def fusion_merge(
     factors, errors = {}, {}
     for path, layer in model.layers.items():
         if path in gathered.cross:
-            fused = solve_layer(layer, gathered.gram_of(path), gathered.cross.pop(path), cfg.fusion_ridge)
+            fused = solve_layer(layer, gathered.gram_of(path), gathered.cross.pop(path), cfg.fusion_ridge,
+                                cfg.fusion_anchor)  # fmt: skip
         else:
             fused = layer.merged_factors()  # mergers at 1: the plain sum
         if cfg.rank and fused.rank > cfg.rank:
@@ -75,6 +76,7 @@ def fusion_merge(
         "layers_fused": len(gathered.rows),
         "layers_summed": len(model.layers) - len(gathered.rows),
         "ridge": cfg.fusion_ridge,
+        "anchor": cfg.fusion_anchor,
         "samples_per_concept": cfg.fusion_samples,
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -162,11 +164,18 @@ class Gathered:
         }
 
 
-def solve_layer(layer: ZipLoraLayer, gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> Factors:
-    """W* - W0 = (sum_i B_i A_i G_i) (G + ridge)^-1 as factors: up = [B_i], down = cross (G + ridge)^-1, in
-    float64 (inputs after a LayerNorm miss a direction, so G is nearly singular)."""
+def solve_layer(
+    layer: ZipLoraLayer, gram: torch.Tensor, cross: torch.Tensor, ridge: float, anchor: str = "base"
+) -> Factors:
+    """W* - W0 = (sum_i B_i A_i G_i) (G + r)^-1 as factors: up = [B_i], down = cross (G + r)^-1, in float64
+    (inputs after a LayerNorm miss a direction, so G is nearly singular), r = ridge x G's mean diagonal.
+    Where two concepts' inputs are nearly parallel but their targets differ, the least-squares answer grows
+    along their small difference; the ridge bounds it, pulling W* toward W0 (anchor "base") or toward the
+    exact sum W0 + sum_i B_i A_i (anchor "sum": the term r ||W - W_sum||^2, so cross_i gains r A_i)."""
     gram, cross = gram.double(), cross.double()
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    total = gram + ridge * float(gram.diagonal().mean()) * eye
-    down = torch.linalg.solve(total, cross.T).T  # G symmetric
+    r = ridge * float(gram.diagonal().mean())
+    if anchor == "sum":
+        cross = cross + r * layer.lora_A_cat().detach().double()
+    down = torch.linalg.solve(gram + r * eye, cross.T).T  # G symmetric
     return Factors(layer.lora_B_cat().detach().float(), down.float())

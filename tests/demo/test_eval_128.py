@@ -20,8 +20,9 @@ def test_regional_rows_of_the_128px_world(tmp_path):
     assert data["plan"]["image_size"] == 128 and "--world 128" in data["command"]
     rows = {r["case"]: r["metrics"] for r in data["rows"]}
     layouts = ("mask", "area", "mask, square boxes", "area, square boxes")
-    who = [w for w, _, _ in SUBJECT_SETS]
+    who = [w for w, *_ in SUBJECT_SETS]
     assert "two subjects shown beside others, trained at two sizes" in who
+    assert "two subjects trained at two sizes, twice the steps" in who
     assert set(rows) == {
         *(f"{w}, no regions (both LoRAs)" for w in who),
         *(f"{w}, a region and LoRA per side ({layout})" for w in who for layout in layouts),

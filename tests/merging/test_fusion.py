@@ -62,6 +62,30 @@ def test_each_layer_is_the_least_squares_fusion(pair, fresh_sd15):
     assert checked == outcome.info["layers_fused"]
 
 
+def test_the_ridge_pulls_toward_the_base_or_the_exact_sum(pair, fresh_sd15):
+    """Anchored to the sum, each layer solves sum_i ||(D - dW_i) X_i||^2 + r ||D - sum_i dW_i||^2: with a
+    ridge far above the inputs' scale the answer is the exact sum; anchored to the base it shrinks to none."""
+    sources, _ = load_sources(config(pair).source_refs())
+    for ridge, anchor in ((0.5, "sum"), (1e6, "sum"), (1e6, "base")):
+        outcome = fusion_merge(sources, fresh_sd15, config(pair, fusion_ridge=ridge, fusion_anchor=anchor))
+        assert outcome.info["anchor"] == anchor
+        for path, per_source in outcome.recorded.items():
+            fused = outcome.factors[path].delta().double()
+            deltas = [s.factors()[path].delta().double() if path in s.factors() else torch.zeros_like(fused)
+                      for s in sources]  # fmt: skip
+            plain = sum(deltas)
+            if ridge == 1e6:
+                limit = plain if anchor == "sum" else torch.zeros_like(plain)
+                assert float((fused - limit).norm() / plain.norm()) < 1e-3, path
+                continue
+            inputs = [per_source[i].double() for i in range(2)]  # every row (fast_tokens covers them)
+            gram = sum(x.T @ x for x in inputs)
+            r = ridge * float(gram.diagonal().mean())
+            rhs = sum(t @ x.T @ x for t, x in zip(deltas, inputs)) + r * plain
+            residual = fused @ (gram + r * torch.eye(gram.shape[0], dtype=gram.dtype)) - rhs
+            assert float(residual.norm() / rhs.norm()) < 1e-4, path
+
+
 def test_fusion_writes_a_lora_and_a_checkpoint(pair, tiny_sd15_dir, tmp_path):
     cfg = config(pair, model=str(tiny_sd15_dir), out=str(tmp_path / "fused.safetensors"), rank=3,
                  into_base=str(tmp_path / "fused_model.safetensors"))  # fmt: skip

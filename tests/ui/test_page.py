@@ -83,7 +83,9 @@ def test_the_history_shows_thumbnails(page):
 def loaded(page, image) -> str:
     """The image's address once the browser has drawn it (a click before lands on a picture still loading)."""
     image.wait_for(timeout=10_000)
-    page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=image.element_handle(), timeout=10_000)
+    page.wait_for_function(
+        "i => i.complete && i.naturalWidth > 0", arg=image.element_handle(), timeout=10_000
+    )
     return image.get_attribute("src")
 
 

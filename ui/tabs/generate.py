@@ -111,7 +111,9 @@ def _regions(ws) -> tuple[gr.Dataframe, gr.Slider, gr.Radio]:
             "Corners as fractions of the image (0-1) or in pixels; or click two opposite corners on the "
             "canvas to draw a box. The prompt above covers the rest of the image; rows without a prompt are "
             "left out. LoRA: a file of the workspace (e.g. `loras/dog.safetensors`), added to the stack "
-            "inside its box."
+            "inside its box. A subject LoRA holds in a small box when it was also trained at the box's size "
+            "(Train tab, more options: `extra_resolutions = [256]`) and for more steps than a whole-picture "
+            "LoRA needs."
         )
         with gr.Row():
             table = gr.Dataframe(
