@@ -114,7 +114,7 @@ def test_a_bad_value_shows_an_error_and_the_page_still_works(page):
     page.get_by_label("Dataset name").fill("../outside")
     page.get_by_text("Or start from the demo world").click()
     page.get_by_role("button", name="Write demo set").click()
-    page.get_by_text("use 1-64 letters").first.wait_for(timeout=20_000)  # the error, shown on the page
+    page.get_by_text("use 1-64 letters").first.wait_for(timeout=60_000)  # the error, shown on the page
     page.get_by_role("tab", name="Generate").click()
     first = page.locator("#generate-info").inner_text()
     assert generate_and_wait(page) != first
