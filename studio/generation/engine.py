@@ -150,8 +150,9 @@ class GenerationEngine:
 
     def notes(self, cfg: GenerateConfig, width: int, height: int) -> tuple[str, ...]:
         """Hints on settings that run but may draw poorly: in area mode, a box under half the model's
-        native size on a side is drawn as a picture that small, which a model trained at one size draws as
-        a smear (the 128 px demo model draws shapes at chance at 64 px; SD1.5 at 256 px is as far out)."""
+        native size on a side is drawn as a picture that small, which a model (or LoRA) trained at one size
+        draws as a smear (SD1.5 at 256 px; the 128 px demo model drew shapes at chance at 64 px until it was
+        trained with size buckets, bench/results/eval_sd15_128.md)."""
         if cfg.region_mode != "area":
             return ()
         native, out = self.native_size(), []
@@ -161,7 +162,8 @@ class GenerationEngine:
             if min(w, h) < native / 2:
                 out.append(
                     f"region {n} is {w}x{h} px in area mode, under half this model's native {native} px: it "
-                    "may come out smeared; make the image or the box bigger, or draw regions in mask mode"
+                    "may come out smeared unless the model and the box's LoRA have seen pictures that small "
+                    "(extra_resolutions); make the image or the box bigger, or draw regions in mask mode"
                 )
         return tuple(out)
 
