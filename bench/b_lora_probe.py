@@ -18,7 +18,6 @@ eval's prompts, seeds and images per line:
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench/results/b_lora_probe.md"
 
-from records import command_flags, record_head, variant_args, with_kept_variants, write_variant_results  # noqa: E402  (bench/ is on the path as a script)
+from records import command_flags, record_head, run_variants, variant_args, write_variant_results  # noqa: E402  (bench/ is on the path as a script)
 
 from studio.app.evaluate import EvalPlan, Evaluator  # noqa: E402
 
@@ -87,12 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     args = variant_args(__doc__, list(VARIANTS), RESULTS, argv, sep="|")
     torch.set_num_threads(args.threads)
     ev = Evaluator(EvalPlan(out=args.out, images=args.images, family="sdxl", image_size=128, seed=args.seed))
-    record, started = [], time.time()
-    for name in args.names:
-        record += run_variant(ev, list(VARIANTS).index(name), name)
-        print(record[-3:], flush=True)
-    minutes = (time.time() - started) / 60
-    record, names = with_kept_variants(args, record)
+    record, names, minutes = run_variants(
+        args, lambda name: run_variant(ev, list(VARIANTS).index(name), name)
+    )
     lines = [
         *record_head(
             "B-LoRA transfers by recipe, strength, data and blocks (SDXL demo model, 128 px world)",

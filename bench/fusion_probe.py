@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench/results/fusion_probe.md"
 
-from records import command_flags, record_head, variant_args, with_kept_variants, write_variant_results  # noqa: E402  (bench/ is on the path as a script)
+from records import command_flags, record_head, run_variants, variant_args, write_variant_results  # noqa: E402  (bench/ is on the path as a script)
 
 from studio.app.evaluate import EvalPlan, Evaluator  # noqa: E402
 from studio.demo.concepts import SUBJECT, SUBJECT_2  # noqa: E402
@@ -131,18 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     training = {"layers": args.layers.split(",")} if args.layers else {}
     training |= {"max_steps": args.lora_steps} if args.lora_steps else {}
     files, folders = subject_loras(ev, training)
-    record: list[dict] = []
-    for name in args.names:
+
+    def line(name: str) -> list[dict]:
         if name == "each alone":
-            record += [judged(ev, name, name, f)[i] for i, f in enumerate(files)]
-        elif name == "exact sum (concat)":
-            record += judged(
-                ev, name, name, ev.merge("subjects_concat", "concat", [f"{f}:1.0" for f in files])
-            )
-        else:
-            record += run_variant(ev, name, VARIANTS[name], files, folders)
-        print(record[-2:], flush=True)
-    record, names = with_kept_variants(args, record)
+            return [judged(ev, name, name, f)[i] for i, f in enumerate(files)]
+        if name == "exact sum (concat)":
+            return judged(ev, name, name, ev.merge("subjects_concat", "concat", [f"{f}:1.0" for f in files]))
+        return run_variant(ev, name, VARIANTS[name], files, folders)
+
+    record, names, _ = run_variants(args, line)
     flags = command_flags(args, lines_of, RESULTS, ROOT)
     flags += f" --world {args.world}" * (args.world != 64) + f" --layers {args.layers}" * bool(args.layers)
     flags += f" --lora-steps {args.lora_steps}" * bool(args.lora_steps)

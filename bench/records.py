@@ -81,6 +81,20 @@ def command_flags(args, variants: list[str], default_results: Path, root: Path) 
     return " ".join(flags)
 
 
+def run_variants(args, run) -> tuple[list[dict], list[str], float]:
+    """`run(name)` -> record lines, for each variant asked for (each printed as it ends); then the recorded
+    lines kept with --append: (record, names, minutes this run took)."""
+    import time
+
+    record, started = [], time.time()
+    for name in args.names:
+        lines = run(name)
+        print(lines, flush=True)
+        record += lines
+    minutes = (time.time() - started) / 60
+    return *with_kept_variants(args, record), minutes
+
+
 def record_head(title: str, script: str, flags: str, about: str) -> list[str]:
     """A bench record's first lines: its title, the command that made it, the machine and date, `about`."""
     import os

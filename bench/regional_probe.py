@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench/results/regional_probe.md"
 
-from records import command_flags, record_head, variant_args, with_kept_variants, write_variant_results  # noqa: E402  (bench/ is on the path as a script)
+from records import command_flags, record_head, run_variants, variant_args, write_variant_results  # noqa: E402  (bench/ is on the path as a script)
 
 from studio.app.eval_many import HALVES, SQUARES, WorldEvaluator  # noqa: E402
 from studio.app.evaluate import EvalPlan  # noqa: E402
@@ -76,12 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     args = variant_args(__doc__, list(VARIANTS), RESULTS, argv, sep="|")
     torch.set_num_threads(args.threads)
     ev = WorldEvaluator(EvalPlan(out=args.out, images=args.images, image_size=128, seed=args.seed))
-    record, started = [], time.time()
-    for name in args.names:
-        record += run_variant(ev, list(VARIANTS).index(name), name)
-        print(record[-len(CASES) :], flush=True)
-    minutes = (time.time() - started) / 60
-    record, names = with_kept_variants(args, record)
+    record, names, minutes = run_variants(
+        args, lambda name: run_variant(ev, list(VARIANTS).index(name), name)
+    )
     lines = [
         *record_head(
             "Regional sampling: how the two subject LoRAs are trained (SD1.5 demo model, 128 px world)",
