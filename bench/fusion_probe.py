@@ -60,6 +60,27 @@ for ridge in (1e-3, 1e-2, 1e-1):
         "fusion_ridge": ridge,
         "fusion_anchor": "sum",
     }
+# the reference implementation's order: the cross-attention's keys and values first, the rest recorded after
+for ridge in (1e-3, 1e-2, 3e-2, 5e-2, 1e-1):
+    VARIANTS[f"eval's setting, text first, ridge {ridge:g}"] = {
+        "data": True,
+        "fusion_ridge": ridge,
+        "fusion_order": "text-first",
+    }
+    VARIANTS[f"eval's setting, text first on trigger words, ridge {ridge:g}"] = {
+        "data": True,
+        "fusion_ridge": ridge,
+        "fusion_order": "text-first",
+        "fusion_text_rows": "trigger",
+    }
+
+for ridge in (1e-2, 5e-2):  # more recorded samples: a steadier Gram matrix needs less ridge?
+    VARIANTS[f"eval's setting, text first, 64 samples, ridge {ridge:g}"] = {
+        "data": True,
+        "fusion_ridge": ridge,
+        "fusion_order": "text-first",
+        "fusion_samples": 64,
+    }
 
 
 def subject_loras(ev: Evaluator, training: dict) -> tuple[list[Path], list[Path]]:

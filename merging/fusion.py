@@ -14,6 +14,12 @@ so the file is an ordinary LoRA; `rank` re-factorises it smaller by SVD (the los
 layers are not recorded: their deltas are summed. The inputs are recorded with the machinery of ZipLoRA's
 layer-wise fit (merging.ziplora_layer), and the merge report measures each concept's preservation on them.
 
+Order (fusion_order): "joint" records every layer at once, each concept with its own LoRA everywhere;
+"text-first" follows the reference implementation: the cross-attention's keys and values, whose only input
+is the prompt, are solved first on the prompt embeddings (every token, or with fusion_text_rows "trigger"
+only each concept's own words and the end token, the reference's concept-token features), and the other
+layers are then recorded with those fused, as the merged model will feed them.
+
     >>> outcome = fusion_merge(sources, pipe, cfg)  # doctest: +SKIP
 """
 
@@ -33,6 +39,7 @@ from merging.sources import Factors, MergeSource
 from merging.ziplora import adapter_name, prepare
 from merging.ziplora_data import noisy_samples
 from merging.ziplora_layer import ZipLoraLayer, ZipLoraModel
+from studio.core.errors import ConfigError
 
 Progress = Callable[[dict], None]
 
@@ -44,39 +51,54 @@ class FusionOutcome:
     recorded: dict[str, dict[int, torch.Tensor]] | None = None
 
 
+def reads_prompt(path: str) -> bool:
+    """The cross-attention's keys and values: their inputs are the prompt's embeddings, not the latents."""
+    return path.startswith("unet.") and (".attn2.to_k" in path or ".attn2.to_v" in path)
+
+
 def fusion_merge(
     sources: list[MergeSource], pipe, cfg: MergeConfig, progress: Progress | None = None
 ) -> FusionOutcome:
-    """Gather every concept's layer inputs, solve each UNet layer's fusion, keep the text encoders' sum."""
+    """Gather every concept's layer inputs, solve each UNet layer's fusion, keep the text encoders' sum.
+
+    With fusion_order "text-first" (the reference implementation's order) the layers that read the prompt
+    are fused first; the other layers' inputs are then recorded with those fused, as the merged model will
+    feed them, instead of with each concept's own keys and values."""
     started = time.perf_counter()
     model = ZipLoraModel(pipe, {adapter_name(i): s.factors() for i, s in enumerate(sources)})
-    with model.installed():
+    solved: dict[str, Factors] = {}
+    recorded: dict[str, dict[int, torch.Tensor]] = {}
+    with model.installed(), contextlib.ExitStack() as fused_so_far:
         setup = prepare(pipe, model, sources, cfg)
-        generator = torch.Generator().manual_seed(cfg.seed + 104729)
-        gathered = Gathered(model, tuple(range(len(sources))), cfg.fast_tokens, cfg.seed, cfg.fusion_samples)
-        with gathered.hooked(), torch.no_grad():
-            for k in range(cfg.fusion_samples):  # one sample per concept a pass, its references in turn
-                picks = [[k % ref.shape[0]] for ref in setup.refs]
-                setup.run("sources", noisy_samples(setup.scheduler, setup.refs, picks, generator))
-                if progress and (k + 1) % 8 == 0:
-                    progress({"stage": f"recording inputs: sample {k + 1} of {cfg.fusion_samples}"})
-    if progress:
-        progress({"stage": f"solving {len(gathered.cross)} layers"})
+        select = None
+        if cfg.fusion_order == "text-first":
+            solved, recorded = fuse_prompt_layers(model, setup, cfg)
+            if progress:
+                progress({"stage": f"fused {len(solved)} cross-attention key/value layers on the prompts"})
+            fused_so_far.enter_context(model.acting_as(dict(solved)))  # the rest is recorded with them fused
+            select = lambda path: not reads_prompt(path)  # noqa: E731
+        gathered = record_inputs(model, setup, cfg, select, progress)
+        if progress:
+            progress({"stage": f"solving {len(gathered.cross)} layers"})
+        for path, cross in gathered.cross.items():
+            layer = model.layers[path]
+            solved[path] = solve_layer(
+                layer, gathered.gram_of(path), cross, cfg.fusion_ridge, cfg.fusion_anchor
+            )
+        recorded |= gathered.subsample()
     factors, errors = {}, {}
     for path, layer in model.layers.items():
-        if path in gathered.cross:
-            fused = solve_layer(layer, gathered.gram_of(path), gathered.cross.pop(path), cfg.fusion_ridge,
-                                cfg.fusion_anchor)  # fmt: skip
-        else:
-            fused = layer.merged_factors()  # mergers at 1: the plain sum
+        fused = solved.get(path) or layer.merged_factors()  # unrecorded layers: the plain sum
         if cfg.rank and fused.rank > cfg.rank:
             fused, errors[path] = truncate_factors(fused, cfg.rank)
         factors[path] = fused
     info = {
-        "layers_fused": len(gathered.rows),
-        "layers_summed": len(model.layers) - len(gathered.rows),
+        "layers_fused": len(solved),
+        "layers_summed": len(model.layers) - len(solved),
         "ridge": cfg.fusion_ridge,
         "anchor": cfg.fusion_anchor,
+        "order": cfg.fusion_order,
+        "text_rows": cfg.fusion_text_rows,
         "samples_per_concept": cfg.fusion_samples,
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -87,7 +109,77 @@ def fusion_merge(
             "max": errors[worst],
             "worst_module": worst,
         }
-    return FusionOutcome(factors, info, gathered.subsample())
+    return FusionOutcome(factors, info, recorded)
+
+
+def record_inputs(
+    model: ZipLoraModel, setup, cfg: MergeConfig, select, progress: Progress | None
+) -> Gathered:
+    """Run every concept on its own samples with hooks on the UNet layers `select` keeps (None: all)."""
+    generator = torch.Generator().manual_seed(cfg.seed + 104729)
+    sources = tuple(range(len(setup.refs)))
+    gathered = Gathered(model, sources, cfg.fast_tokens, cfg.seed, cfg.fusion_samples)
+    with gathered.hooked(select), torch.no_grad():
+        for k in range(cfg.fusion_samples):  # one sample per concept a pass, its references in turn
+            picks = [[k % ref.shape[0]] for ref in setup.refs]
+            setup.run("sources", noisy_samples(setup.scheduler, setup.refs, picks, generator))
+            if progress and (k + 1) % 8 == 0:
+                progress({"stage": f"recording inputs: sample {k + 1} of {cfg.fusion_samples}"})
+    return gathered
+
+
+def fuse_prompt_layers(model: ZipLoraModel, setup, cfg: MergeConfig):
+    """The cross-attention's keys and values solved on the prompt embeddings alone (their only input): no
+    UNet pass is needed. Returns ({path: fused factors}, {path: {concept: rows}} for the report)."""
+    rows = prompt_rows(model.pipe, setup, cfg.fusion_text_rows)
+    grams = [x.T @ x / x.shape[0] for x in rows]  # each concept weighs alike, whatever its row count
+    gram = sum(grams)
+    fused, recorded = {}, {}
+    for path, layer in model.layers.items():
+        if not reads_prompt(path):
+            continue
+        down = layer.lora_A_cat().detach().float()
+        cross = torch.zeros(layer.total_rank, gram.shape[0], device=gram.device)
+        for i, g in enumerate(grams):
+            cols = layer.slices.get(model.names[i])
+            if cols is not None:
+                cross[cols] += down[cols] @ g
+        fused[path] = solve_layer(layer, gram, cross, cfg.fusion_ridge, cfg.fusion_anchor)
+        recorded[path] = {i: x[: cfg.fast_tokens] for i, x in enumerate(rows)}
+    return fused, recorded
+
+
+def prompt_rows(pipe, setup, which: str) -> list[torch.Tensor]:
+    """Per concept, the prompt-embedding rows its keys and values are kept on: every token of each of its
+    prompts ("all"), or its trigger tokens - those of its prompt no other concept's prompt has - and the end
+    token ("trigger": the reference implementation fits its concept tokens only)."""
+    embeds = [c.embeds.detach().float() for c in setup.target_conds]  # per concept (prompts, tokens, dim)
+    if which == "all":
+        return [e.reshape(-1, e.shape[-1]) for e in embeds]
+    tokenizer = pipe.tokenizer
+    ids = [
+        [
+            tokenizer(p, padding="max_length", max_length=e.shape[1], truncation=True).input_ids
+            for p in prompts
+        ]
+        for prompts, e in zip(setup.prompts, embeds)
+    ]
+    words = [{t for row in rows for t in row} for rows in ids]
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    picked = []
+    for i, (rows, e) in enumerate(zip(ids, embeds)):
+        others = set().union(*(w for j, w in enumerate(words) if j != i))
+        own = []
+        for r, row in enumerate(rows):
+            trigger = [p for p, t in enumerate(row) if t not in others and t not in special]
+            if not trigger:
+                raise ConfigError(
+                    f"fusion_text_rows trigger: source {i + 1}'s prompt {setup.prompts[i][r]!r} has no word the "
+                    "other sources' prompts lack; give each source its own trigger word, or fusion_text_rows all"
+                )
+            own.append(e[min(r, e.shape[0] - 1), trigger + [row.index(tokenizer.eos_token_id)]])
+        picked.append(torch.cat(own))
+    return picked
 
 
 class Gathered:
@@ -147,8 +239,12 @@ class Gathered:
         return self.gram[self.owner[path]]
 
     @contextlib.contextmanager
-    def hooked(self):
-        layers = {p: layer for p, layer in self.model.layers.items() if p.startswith("unet.")}
+    def hooked(self, select: Callable[[str], bool] | None = None):
+        layers = {
+            p: layer
+            for p, layer in self.model.layers.items()
+            if p.startswith("unet.") and (select is None or select(p))
+        }
         handles = [layer.register_forward_hook(self.hook_for(p, layer)) for p, layer in layers.items()]
         try:
             yield self

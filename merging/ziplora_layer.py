@@ -218,6 +218,27 @@ class ZipLoraModel:
             for p, flag in flags:
                 p.requires_grad_(flag)
 
+    @contextlib.contextmanager
+    def acting_as(self, fused: Mapping[str, Factors]) -> Iterator[None]:
+        """Within: each of these layers is its plain base layer with W0 + up @ down for every sample (its
+        adapters set aside); afterwards the base weights are restored exactly and the layers put back."""
+        saved: dict[str, torch.Tensor] = {}
+        try:
+            for path, factors in fused.items():
+                base = self.layers[path].base_layer
+                saved[path] = base.weight.detach().clone()
+                with torch.no_grad():
+                    delta = factors.up.to(base.weight) @ factors.down.to(base.weight)
+                    base.weight += delta.reshape(base.weight.shape)
+                self._set_module(path, base)
+            yield
+        finally:
+            for path, weight in saved.items():
+                layer = self.layers[path]
+                with torch.no_grad():
+                    layer.base_layer.weight.copy_(weight)
+                self._set_module(path, layer)
+
     # ------------------------------------------------------------------------------------------------
     def shared_layers(self) -> dict[str, ZipLoraLayer]:
         return {p: layer for p, layer in self.layers.items() if len(layer.slices) > 1}

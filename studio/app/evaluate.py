@@ -70,6 +70,7 @@ class EvalPlan:
     steps: int = 20  # denoising steps per image
     guidance: float = 7.5
     ziplora_steps: int = 100
+    fusion_variants: Sequence[dict] = ()  # fusion measured again with these merge options (fusion_ridge: ...)
     rows: Sequence[str] | None = None  # default: every row of the world (ROWS, ROWS_128)
 
     def __post_init__(self) -> None:
@@ -387,12 +388,16 @@ class Evaluator:
         prompts = [f"a {s['token']} shape" for s in subjects]
         # fusion records each concept on its training images (bench/results/fusion_probe.md)
         data = [str(self.work / "data" / f"subject_{s['shape']}") for s in subjects]
-        for kind, method, options in (
-            ("fusion", "fusion", {"references": data}),
-            ("ZipLoRA", "ziplora", {"steps": self.plan.ziplora_steps}),
-        ):
-            merged = self.merge(f"subjects_{method}{tag}", method, sources, model=self.model, prompts=prompts,
-                                device="cpu", **options)  # fmt: skip
+        merges = [("fusion", "fusion", "", {"references": data})]
+        for options in self.plan.fusion_variants:
+            label = ", ".join(f"{k.removeprefix('fusion_')} {v:g}" if isinstance(v, float) else str(v)
+                              for k, v in options.items())  # fmt: skip
+            suffix = "_" + "".join(c if c.isalnum() else "_" for c in label)
+            merges.append((f"fusion ({label})", "fusion", suffix, {"references": data} | options))
+        merges.append(("ZipLoRA", "ziplora", "", {"steps": self.plan.ziplora_steps}))
+        for kind, method, variant, options in merges:
+            merged = self.merge(f"subjects_{method}{variant}{tag}", method, sources, model=self.model,
+                                prompts=prompts, device="cpu", **options)  # fmt: skip
             for subject in subjects:
                 rows.append(self.subject_row(section, f"{kind}: {subject['shape']} after merge",
                                              [(merged, 1.0)], subject))  # fmt: skip

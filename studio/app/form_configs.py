@@ -67,7 +67,7 @@ def parse_weights(text: str, count: int) -> list[float]:
 
 
 def more_options(text: str) -> dict[str, Any]:
-    """The "more options" TOML of the Train tab as a dict."""
+    """The "more options" TOML of the Train and Merge tabs as a dict."""
     if not (text or "").strip():
         return {}
     try:
@@ -150,6 +150,7 @@ def merge_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = Fal
         options["rank"] = int(values["rank"])
     if values["method"] in ("ziplora", "ziplora-fast", "fusion") or any(_is_dora(ws, s) for s in sources):
         options["model"] = model_choice(ws, values["model"])  # ZipLoRA, fusion run it; DoRA depends on it
+    options |= more_options(values.get("more", ""))
     return confine(ws, build_config(MergeConfig, options), allow_pickle=allow_pickle)
 
 

@@ -130,3 +130,69 @@ def test_fusion_needs_a_model_and_prompts(pair):
     with pytest.raises(Exception, match="one prompt per source"):
         config(pair, prompts=["only one"])
     assert parse_lora_ref(str(pair[0])).weight == 1.0
+
+
+RIDGE = 1e-3
+
+
+def test_text_first_fuses_keys_and_values_then_records_the_rest_with_them(pair, fresh_sd15):
+    """Mix-of-Show's order: the cross-attention's K/V read only the prompt, so they come out as in the joint
+    solve; the layers after them are recorded with the fused K/V acting, so their answers change, and they
+    still solve the normal equations on what they saw. The pipeline is left exactly as it was."""
+    from merging.fusion import reads_prompt
+
+    before = {k: v.clone() for k, v in fresh_sd15.unet.state_dict().items()}
+    sources, _ = load_sources(config(pair).source_refs())
+    joint = fusion_merge(sources, fresh_sd15, config(pair, fusion_ridge=RIDGE))
+    first = fusion_merge(sources, fresh_sd15, config(pair, fusion_ridge=RIDGE, fusion_order="text-first"))
+    assert first.info["order"] == "text-first" and first.info["layers_fused"] == joint.info["layers_fused"]
+    kv = [p for p in joint.recorded if reads_prompt(p)]
+    assert kv and len(kv) < len(joint.recorded)
+    for path in kv:
+        kv_first, kv_joint = first.factors[path].delta(), joint.factors[path].delta()
+        assert float((kv_first - kv_joint).norm() / kv_joint.norm()) < 1e-3, path
+    changed = 0
+    for path, per_source in first.recorded.items():
+        if reads_prompt(path):
+            continue
+        inputs = [per_source[i].double() for i in range(2)]
+        deltas = [s.factors()[path].delta().double() if path in s.factors() else None for s in sources]
+        fused = first.factors[path].delta().double()
+        deltas = [torch.zeros_like(fused) if d is None else d for d in deltas]
+        gram = sum(x.T @ x for x in inputs)
+        cross = sum(t @ x.T @ x for t, x in zip(deltas, inputs))
+        ridge = RIDGE * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=gram.dtype)
+        assert float((fused @ (gram + ridge) - cross).norm() / cross.norm()) < 1e-4, path
+        difference = (fused - joint.factors[path].delta().double()).norm() / fused.norm()
+        changed += float(difference) > 1e-3
+    assert changed > 0  # some layer downstream of a cross-attention saw other inputs
+    after = fresh_sd15.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and set(before) == set(after)
+
+
+def test_trigger_rows_keep_keys_and_values_on_each_concepts_own_words(pair, fresh_sd15):
+    """fusion_text_rows trigger: each concept's K/V are fitted on the tokens its prompt has and the others'
+    lack, plus the end token (the reference implementation's concept-token features), nothing else."""
+    from merging.fusion import reads_prompt
+
+    sources, _ = load_sources(config(pair).source_refs())
+    cfg = config(pair, fusion_ridge=RIDGE, fusion_order="text-first", fusion_text_rows="trigger")
+    outcome = fusion_merge(sources, fresh_sd15, cfg)
+    tokenizer = fresh_sd15.tokenizer
+    own = [len(tokenizer(w, add_special_tokens=False).input_ids) for w in ("sks", "zwx")]
+    embeds = [fresh_sd15.encode_prompt(p, "cpu", 1, False)[0][0] for p in cfg.prompts]
+    kv = [p for p in outcome.recorded if reads_prompt(p)]
+    assert kv and outcome.info["text_rows"] == "trigger"
+    for path in kv:
+        rows = outcome.recorded[path]
+        assert [rows[i].shape[0] for i in range(2)] == [n + 1 for n in own]
+        # source b has no text-encoder LoRA: its rows are the base encoder's, the word and the end token
+        ids = tokenizer(cfg.prompts[1], padding="max_length", max_length=77).input_ids
+        picked = [ids.index(t) for t in tokenizer("zwx", add_special_tokens=False).input_ids]
+        picked.append(ids.index(tokenizer.eos_token_id))
+        assert torch.allclose(rows[1], embeds[1][picked], atol=1e-5)
+    with pytest.raises(Exception, match="no word the other sources' prompts lack"):
+        same = config(pair, fusion_order="text-first", fusion_text_rows="trigger", prompts=["a sks", "a sks"])
+        fusion_merge(sources, fresh_sd15, same)
+    with pytest.raises(Exception, match="add fusion_order text-first"):
+        config(pair, fusion_text_rows="trigger")

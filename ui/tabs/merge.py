@@ -36,13 +36,17 @@ def build(services, tabs: gr.Tabs, jobs_view: gr.Number) -> dict[str, gr.Dropdow
                     rank=gr.Number(value=0, precision=0, label="Rank (svd/ties/dare; 0 = largest source rank)"),
                     density=gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Density (ties/dare/magnitude)"),
                     model=gr.Dropdown(list(DEMO_MODELS), value="demo:sd15", allow_custom_value=True,
-                                      label="Base model (ZipLoRA, and DoRA sources)"),
+                                      label="Base model (ZipLoRA, fusion, and DoRA sources)"),
                     prompts=gr.Textbox(label="ZipLoRA / fusion prompts, one per LoRA, separated by |",
                                        placeholder="a sks shape | a red circle, framed style"),
                     references=gr.Textbox(
                         label="Reference datasets (ZipLoRA / fusion), one per LoRA, separated by | "
                               "(e.g. each LoRA's training set; empty = images generated from the prompt)",
                         placeholder="heart | moon"),
+                    more=gr.Code(
+                        label="More options (TOML, any merge option)", language=None,
+                        value='# e.g.\n# fusion_ridge = 0.05\n# fusion_order = "text-first"\n# steps = 200\n',
+                    ),
                 )  # fmt: skip
                 submit = gr.Button("Queue merge", variant="primary")
                 status = gr.Markdown(elem_id="merge-status")

@@ -35,6 +35,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--lora-steps", type=int, default=None, help="training steps of each LoRA")
     p.add_argument("--rows", default=None, help="comma-separated sections (base,dreambooth,style,merge,...)")
     p.add_argument(
+        "--fusion-variant", action="append", default=[], metavar="KEY=VALUE,...",
+        help="gradient fusion measured again with other options, e.g. ridge=0.01,order=text-first (the "
+             "merge's fusion_* options without the prefix; once per variant)",
+    )  # fmt: skip
+    p.add_argument(
         "--check", type=Path, default=None, help="recorded eval.json: fail if a number fell below it"
     )
     p.add_argument("--margin", type=float, default=0.25, help="with --check: allowed drop per number")
@@ -46,12 +51,16 @@ def run(args: argparse.Namespace) -> int:
     from studio.app.evaluate import EvalPlan, world_rows
 
     overrides = {"family": args.family, "image_size": args.world}
+    if args.images is not None and args.images < 1:
+        raise ConfigError(f"--images {args.images}: give 1 or more images per line")
     if args.images is not None:
         overrides["images"] = args.images
     if args.lora_steps is not None:
         overrides["lora_steps"] = args.lora_steps
     if args.rows:
         overrides["rows"] = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    if args.fusion_variant:
+        overrides["fusion_variants"] = tuple(parse_fusion_variant(v) for v in args.fusion_variant)
     plan = EvalPlan.quick(args.out, **overrides) if args.quick else EvalPlan(out=args.out, **overrides)
     known = world_rows(args.world)
     unknown = set(plan.rows) - set(known)
@@ -66,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         for k, v in vars(args).items()
         if k in ("images", "lora_steps", "rows") and v
     ]
+    flags += [f"--fusion-variant {v}" for v in args.fusion_variant]
     recorded = read_record(args.check) if args.check else None  # before the long run, not after it
     data = evaluate(plan, command=" ".join(["lora-studio eval", *filter(None, flags)]))
     print((args.out / "eval.md").read_text())
@@ -75,6 +85,31 @@ def run(args: argparse.Namespace) -> int:
             print(f"BELOW RECORD: {line}", file=sys.stderr)
         return 1 if failures else 0
     return 0
+
+
+def parse_fusion_variant(text: str) -> dict:
+    """Parse "ridge=0.01,order=text-first" into the merge options {fusion_ridge: 0.01, fusion_order: ...},
+    checked against the merge's own options now rather than after an hour of training."""
+    from merging import MergeConfig
+    from studio.core.options import build_config
+
+    options = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(
+                f"--fusion-variant {text!r}: write KEY=VALUE pairs, e.g. ridge=0.01,order=text-first"
+            )
+        options[f"fusion_{key.strip().replace('-', '_')}"] = value.strip()
+    known = {name for name in MergeConfig.__dataclass_fields__ if name.startswith("fusion_")}
+    unknown = sorted(set(options) - known)
+    if unknown or not options:
+        names = ", ".join(sorted(k.removeprefix("fusion_") for k in known))
+        raise ConfigError(f"--fusion-variant {text!r}: unknown or no keys {unknown}; choose from {names}")
+    probe = {"sources": ["a.safetensors", "b.safetensors"], "method": "fusion", "model": "demo:sd15",
+             "prompts": ["a", "b"], "out": "merged.safetensors"}  # fmt: skip
+    config = build_config(MergeConfig, probe | options)  # its one-line error names a bad value
+    return {key: getattr(config, key) for key in options}
 
 
 def read_record(path: Path) -> dict:

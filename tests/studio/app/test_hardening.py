@@ -92,6 +92,26 @@ def test_merge_and_generate_paths_are_confined(ws, tiny_sd15):
         form_configs.generate_config(ws, values)
 
 
+def test_merge_more_options_reach_the_merge_and_stay_in_the_workspace(ws, tiny_sd15):
+    lora = write_lora(random_lora(tiny_sd15, "sd15"), ws.loras / "a.safetensors")
+    form = {"sources": [str(lora), str(lora)], "method": "fusion", "name": "m", "density": 0.5,
+            "model": "demo:sd15", "prompts": "a sks shape | a zwx shape"}  # fmt: skip
+    more = 'fusion_ridge = 0.05\nfusion_order = "text-first"'
+    cfg = form_configs.merge_config(ws, {**form, "more": more})
+    assert (cfg.fusion_ridge, cfg.fusion_order) == (0.05, "text-first")
+    for hostile in (
+        'into_base = "/tmp/base.safetensors"',
+        'out = "../x.safetensors"',
+        'references = ["/etc", ""]',
+    ):
+        with pytest.raises(ConfigError, match="outside the workspace"):
+            form_configs.merge_config(ws, {**form, "more": hostile})
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        form_configs.merge_config(ws, {**form, "more": "fusion_ridge = "})
+    with pytest.raises(ConfigError, match="fusion_order"):
+        form_configs.merge_config(ws, {**form, "more": 'fusion_order = "sideways"'})
+
+
 class Boom:
     """A pickle that would create a file when unpickled, if its code ran."""
 
