@@ -82,6 +82,13 @@ for ridge in (1e-2, 5e-2):  # more recorded samples: a steadier Gram matrix need
         "fusion_samples": 64,
     }
 
+for ridge in (1e-2, 5e-2):  # every block recorded with the blocks before it fused
+    VARIANTS[f"eval's setting, sequential, ridge {ridge:g}"] = {
+        "data": True,
+        "fusion_ridge": ridge,
+        "fusion_order": "sequential",
+    }
+
 
 def subject_loras(ev: Evaluator, training: dict) -> tuple[list[Path], list[Path]]:
     """The two ordinary subject LoRAs (trained with `training` options unless already in work/loras) and their

@@ -154,14 +154,15 @@ class MergeConfig:
         "fusion: what the ridge pulls each layer toward where the recorded inputs do not decide it: the base "
         "weights (no change) or the exact sum of the LoRAs",
     )
-    fusion_order: Literal["joint", "text-first"] = option(
+    fusion_order: Literal["joint", "text-first", "sequential"] = option(
         "joint",
         "fusion: joint records every layer with each concept's own LoRA; text-first (Mix-of-Show's order) "
-        "fuses the cross-attention keys and values first, then records the other layers with them fused",
+        "fuses the cross-attention keys and values first, then records the other layers with them fused; "
+        "sequential then goes block by block, each recorded with the blocks before it fused (slower)",
     )
     fusion_text_rows: Literal["all", "trigger"] = option(
         "all",
-        "fusion, text-first: the prompt tokens each concept's keys and values are kept on: all, or its trigger "
+        "fusion, text-first or sequential: the prompt tokens each concept's keys and values are kept on: all, or its trigger "
         "words (those of its prompt the other prompts lack) and the end token, as Mix-of-Show keeps its concept tokens",
     )
     # --- orthogonal / report --------------------------------------------------------------------
@@ -207,10 +208,11 @@ class MergeConfig:
                     f"--references: give one folder per source ('' to generate that source's images); "
                     f"got {len(self.references)} for {len(self.sources)} sources"
                 )
-        if self.fusion_text_rows == "trigger" and self.fusion_order != "text-first":
+        if self.fusion_text_rows == "trigger" and self.fusion_order == "joint":
             raise ConfigError(
                 "option fusion_text_rows trigger keeps the keys and values on trigger words, which only the "
-                "text-first order fits on their own: add fusion_order text-first (or use fusion_text_rows all)"
+                "text-first and sequential orders fit on their own: add fusion_order text-first (or use "
+                "fusion_text_rows all)"
             )
         if self.into_base and not self.model:
             raise ConfigError("--into-base adds the LoRA into a base model: give the model with --model")

@@ -56,6 +56,16 @@ def reads_prompt(path: str) -> bool:
     return path.startswith("unet.") and (".attn2.to_k" in path or ".attn2.to_v" in path)
 
 
+def forward_part(path: str) -> tuple[int, int]:
+    """Where a UNet layer runs in the forward pass, by block: embeddings and conv_in, each down block, the
+    middle block, each up block, the output layers."""
+    parts = path.split(".")
+    block = {"down_blocks": 1, "mid_block": 2, "up_blocks": 3, "conv_norm_out": 4, "conv_out": 4}.get(
+        parts[1], 0
+    )
+    return block, int(parts[2]) if block in (1, 3) else 0
+
+
 def fusion_merge(
     sources: list[MergeSource], pipe, cfg: MergeConfig, progress: Progress | None = None
 ) -> FusionOutcome:
@@ -63,29 +73,43 @@ def fusion_merge(
 
     With fusion_order "text-first" (the reference implementation's order) the layers that read the prompt
     are fused first; the other layers' inputs are then recorded with those fused, as the merged model will
-    feed them, instead of with each concept's own keys and values."""
+    feed them, instead of with each concept's own keys and values. "sequential" goes on block by block in
+    forward order, each block recorded with every block before it fused (one recording per block)."""
     started = time.perf_counter()
     model = ZipLoraModel(pipe, {adapter_name(i): s.factors() for i, s in enumerate(sources)})
     solved: dict[str, Factors] = {}
     recorded: dict[str, dict[int, torch.Tensor]] = {}
     with model.installed(), contextlib.ExitStack() as fused_so_far:
         setup = prepare(pipe, model, sources, cfg)
-        select = None
-        if cfg.fusion_order == "text-first":
+        stages: list = [None]  # one recording of every layer
+        if cfg.fusion_order != "joint":
             solved, recorded = fuse_prompt_layers(model, setup, cfg)
             if progress:
                 progress({"stage": f"fused {len(solved)} cross-attention key/value layers on the prompts"})
             fused_so_far.enter_context(model.acting_as(dict(solved)))  # the rest is recorded with them fused
-            select = lambda path: not reads_prompt(path)  # noqa: E731
-        gathered = record_inputs(model, setup, cfg, select, progress)
-        if progress:
-            progress({"stage": f"solving {len(gathered.cross)} layers"})
-        for path, cross in gathered.cross.items():
-            layer = model.layers[path]
-            solved[path] = solve_layer(
-                layer, gathered.gram_of(path), cross, cfg.fusion_ridge, cfg.fusion_anchor
+            stages = [lambda path: not reads_prompt(path)]
+        if cfg.fusion_order == "sequential":
+            parts = sorted(
+                {forward_part(p) for p in model.layers if p.startswith("unet.") and not reads_prompt(p)}
             )
-        recorded |= gathered.subsample()
+            stages = [
+                lambda path, part=part: not reads_prompt(path) and forward_part(path) == part
+                for part in parts
+            ]
+        for n, select in enumerate(stages):
+            gathered = record_inputs(model, setup, cfg, select, progress)
+            if progress:
+                progress({"stage": f"solving {len(gathered.cross)} layers (part {n + 1} of {len(stages)})"})
+            fused = {
+                path: solve_layer(
+                    model.layers[path], gathered.gram_of(path), cross, cfg.fusion_ridge, cfg.fusion_anchor
+                )  # fmt: skip
+                for path, cross in gathered.cross.items()
+            }
+            solved |= fused
+            recorded |= gathered.subsample()
+            if n + 1 < len(stages):
+                fused_so_far.enter_context(model.acting_as(fused))  # later parts are recorded with it fused
     factors, errors = {}, {}
     for path, layer in model.layers.items():
         fused = solved.get(path) or layer.merged_factors()  # unrecorded layers: the plain sum

@@ -196,3 +196,35 @@ def test_trigger_rows_keep_keys_and_values_on_each_concepts_own_words(pair, fres
         fusion_merge(sources, fresh_sd15, same)
     with pytest.raises(Exception, match="add fusion_order text-first"):
         config(pair, fusion_text_rows="trigger")
+
+
+def test_sequential_records_each_block_with_the_blocks_before_it_fused(pair, fresh_sd15):
+    """fusion_order sequential: keys and values as in text-first, the first block's layers as well (nothing
+    before them is fused but the keys and values), a later block's layers solved on inputs that differ from
+    text-first's; every layer still solves the normal equations on what it saw, and the pipeline is restored."""
+    from merging.fusion import forward_part, reads_prompt
+
+    before = {k: v.clone() for k, v in fresh_sd15.unet.state_dict().items()}
+    sources, _ = load_sources(config(pair).source_refs())
+    first = fusion_merge(sources, fresh_sd15, config(pair, fusion_ridge=RIDGE, fusion_order="text-first"))
+    seq = fusion_merge(sources, fresh_sd15, config(pair, fusion_ridge=RIDGE, fusion_order="sequential"))
+    parts = sorted({forward_part(p) for p in seq.recorded if not reads_prompt(p)})
+    assert len(parts) >= 3 and seq.info["layers_fused"] == first.info["layers_fused"]
+    changed = dict.fromkeys(parts, 0)
+    for path, per_source in seq.recorded.items():
+        fused = seq.factors[path].delta().double()
+        difference = float((fused - first.factors[path].delta().double()).norm() / fused.norm())
+        if reads_prompt(path) or forward_part(path) == parts[0]:
+            assert difference < 1e-3, path
+            continue
+        changed[forward_part(path)] += difference > 1e-3
+        inputs = [per_source[i].double() for i in range(2)]
+        deltas = [s.factors()[path].delta().double() if path in s.factors() else torch.zeros_like(fused)
+                  for s in sources]  # fmt: skip
+        gram = sum(x.T @ x for x in inputs)
+        cross = sum(t @ x.T @ x for t, x in zip(deltas, inputs))
+        ridge = RIDGE * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=gram.dtype)
+        assert float((fused @ (gram + ridge) - cross).norm() / cross.norm()) < 1e-4, path
+    assert changed[parts[-1]] > 0  # the last block saw every block before it fused
+    after = fresh_sd15.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
