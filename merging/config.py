@@ -147,7 +147,10 @@ class MergeConfig:
         16, "fusion: noisy samples recorded per source (its reference images in turn)", min=1, max=10_000
     )
     fusion_ridge: float = option(
-        1e-3, "fusion: ridge added to each layer's input Gram matrix, relative to its mean diagonal", min=0.0
+        0.05,
+        "fusion: ridge added to each layer's input Gram matrix, relative to its mean diagonal (0.05 with "
+        "text-first kept the most of the weaker concept in bench/results/fusion_probe_128.md)",
+        min=0.0,
     )
     fusion_anchor: Literal["base", "sum"] = option(
         "base",
@@ -155,7 +158,7 @@ class MergeConfig:
         "weights (no change) or the exact sum of the LoRAs",
     )
     fusion_order: Literal["joint", "text-first", "sequential"] = option(
-        "joint",
+        "text-first",
         "fusion: joint records every layer with each concept's own LoRA; text-first (Mix-of-Show's order) "
         "fuses the cross-attention keys and values first, then records the other layers with them fused; "
         "sequential then goes block by block, each recorded with the blocks before it fused (slower)",

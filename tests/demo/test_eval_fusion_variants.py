@@ -38,7 +38,7 @@ def test_a_fusion_variant_adds_its_own_rows(tmp_path):
         ("bogus=1", "unknown or no keys"),
         ("ridge", "KEY=VALUE"),
         ("order=sideways", "not one of joint, text-first"),
-        ("text_rows=trigger", "add fusion_order text-first"),
+        ("text_rows=trigger,order=joint", "add fusion_order text-first"),
     ],
 )
 def test_a_bad_fusion_variant_is_refused_before_training(tmp_path, capsys, text, message):

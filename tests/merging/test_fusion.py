@@ -143,7 +143,7 @@ def test_text_first_fuses_keys_and_values_then_records_the_rest_with_them(pair, 
 
     before = {k: v.clone() for k, v in fresh_sd15.unet.state_dict().items()}
     sources, _ = load_sources(config(pair).source_refs())
-    joint = fusion_merge(sources, fresh_sd15, config(pair, fusion_ridge=RIDGE))
+    joint = fusion_merge(sources, fresh_sd15, config(pair, fusion_ridge=RIDGE, fusion_order="joint"))
     first = fusion_merge(sources, fresh_sd15, config(pair, fusion_ridge=RIDGE, fusion_order="text-first"))
     assert first.info["order"] == "text-first" and first.info["layers_fused"] == joint.info["layers_fused"]
     kv = [p for p in joint.recorded if reads_prompt(p)]
@@ -195,7 +195,7 @@ def test_trigger_rows_keep_keys_and_values_on_each_concepts_own_words(pair, fres
         same = config(pair, fusion_order="text-first", fusion_text_rows="trigger", prompts=["a sks", "a sks"])
         fusion_merge(sources, fresh_sd15, same)
     with pytest.raises(Exception, match="add fusion_order text-first"):
-        config(pair, fusion_text_rows="trigger")
+        config(pair, fusion_text_rows="trigger", fusion_order="joint")
 
 
 def test_sequential_records_each_block_with_the_blocks_before_it_fused(pair, fresh_sd15):

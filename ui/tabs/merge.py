@@ -45,7 +45,7 @@ def build(services, tabs: gr.Tabs, jobs_view: gr.Number) -> dict[str, gr.Dropdow
                         placeholder="heart | moon"),
                     more=gr.Code(
                         label="More options (TOML, any merge option)", language=None,
-                        value='# e.g.\n# fusion_ridge = 0.05\n# fusion_order = "text-first"\n# steps = 200\n',
+                        value='# e.g.\n# fusion_ridge = 0.01\n# fusion_order = "joint"\n# steps = 200\n',
                     ),
                 )  # fmt: skip
                 submit = gr.Button("Queue merge", variant="primary")

@@ -96,9 +96,9 @@ def test_merge_more_options_reach_the_merge_and_stay_in_the_workspace(ws, tiny_s
     lora = write_lora(random_lora(tiny_sd15, "sd15"), ws.loras / "a.safetensors")
     form = {"sources": [str(lora), str(lora)], "method": "fusion", "name": "m", "density": 0.5,
             "model": "demo:sd15", "prompts": "a sks shape | a zwx shape"}  # fmt: skip
-    more = 'fusion_ridge = 0.05\nfusion_order = "text-first"'
+    more = 'fusion_ridge = 0.02\nfusion_order = "sequential"'
     cfg = form_configs.merge_config(ws, {**form, "more": more})
-    assert (cfg.fusion_ridge, cfg.fusion_order) == (0.05, "text-first")
+    assert (cfg.fusion_ridge, cfg.fusion_order) == (0.02, "sequential")
     for hostile in (
         'into_base = "/tmp/base.safetensors"',
         'out = "../x.safetensors"',
