@@ -228,3 +228,25 @@ def test_sequential_records_each_block_with_the_blocks_before_it_fused(pair, fre
     assert changed[parts[-1]] > 0  # the last block saw every block before it fused
     after = fresh_sd15.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_text_first_fuses_an_sdxl_pair_on_both_encoders_embeddings(fresh_sdxl, tmp_path):
+    """SDXL: the keys and values read both text encoders' embeddings side by side; text-first solves them on
+    those rows (every token, or the trigger words) and records the rest with them fused."""
+    from merging.fusion import reads_prompt
+
+    a = write_lora(random_lora(fresh_sdxl, "sdxl", rank=4, seed=1, scale=0.3), tmp_path / "a.safetensors")
+    b = write_lora(random_lora(fresh_sdxl, "sdxl", rank=2, seed=2, scale=0.3), tmp_path / "b.safetensors")
+    values = dict(sources=[str(a), str(b)], method="fusion", prompts=["a sks shape", "a zwx shape"], out="x",
+                  reference_count=1, reference_steps=2, fusion_samples=2, model="demo:sdxl")  # fmt: skip
+    sources, _ = load_sources(build_config(MergeConfig, values).source_refs())
+    width = fresh_sdxl.unet.config.cross_attention_dim
+    for rows in ("all", "trigger"):
+        outcome = fusion_merge(
+            sources, fresh_sdxl, build_config(MergeConfig, values | {"fusion_text_rows": rows})
+        )
+        kv = {p: r for p, r in outcome.recorded.items() if reads_prompt(p)}
+        assert kv and outcome.info["order"] == "text-first"
+        assert all(x.shape[1] == width for per in kv.values() for x in per.values())
+        assert outcome.info["layers_fused"] > len(kv)  # the other layers were recorded after them
+        assert all(torch.isfinite(f.delta()).all() for f in outcome.factors.values())
