@@ -249,11 +249,12 @@ REAL_METHODS = ("svd", "fusion", "ziplora-fast")
 
 
 def part_real(
-    families: list[str], work: Path, cache: Path, resolution: int, methods=REAL_METHODS
+    families: list[str], work: Path, cache: Path, resolution: int, methods=REAL_METHODS, dtype: str = "fp32"
 ) -> list[dict]:
     """Fusion and ZipLoRA-fast at real SD1.5 / SDXL shapes: a random-weight model of the real architecture
     (bench_train.build_real, fp16 on disk, run in fp32), two random rank-8 LoRAs on the attention
-    projections, one reference image each at `resolution`; each a whole `lora-studio merge` process."""
+    projections, one reference image each at `resolution`; each a whole `lora-studio merge` process (the model
+    run in `dtype`: fp32, or bf16 to halve its memory)."""
     import numpy as np
     from bench_train import build_real
     from PIL import Image
@@ -281,9 +282,10 @@ def part_real(
             if method != "svd":
                 cmd += ["--model", str(model), "--resolution", str(resolution),
                         "--prompt", "a photo of sks dog", "--prompt", "a painting in zwx style",
-                        "--references", str(refs[0]), "--references", str(refs[1])]  # fmt: skip
+                        "--references", str(refs[0]), "--references", str(refs[1]), "--dtype", dtype]  # fmt: skip
             row = _timed_merge(cmd, work / f"{family}_real_{method}.log")
-            rows.append({"family": family, "method": method, "resolution": resolution, **row})
+            rows.append({"family": family, "method": method, "resolution": resolution, **row} | (
+                {"dtype": dtype} if method != "svd" and dtype != "fp32" else {}))  # fmt: skip
             print(rows[-1], flush=True)
     return rows
 
@@ -326,7 +328,8 @@ def real_table(rows: list[dict]) -> list[str]:
     for r in rows:
         run = runs.index((r.get("command", ""), r.get("machine", ""))) + 1
         lines.append(
-            f"| {r['family']} | {r['method']} | {r['resolution']} | {r['wall_s']} | {r['peak_rss_mb']} | {run} |"
+            f"| {r['family']} | {r['method']}{', ' + r['dtype'] + ' model' if 'dtype' in r else ''} | "
+            f"{r['resolution']} | {r['wall_s']} | {r['peak_rss_mb']} | {run} |"
         )
     lines.append("")
     lines += [f"Run {i}: `{command}`; {where}" for i, (command, where) in enumerate(runs, 1)]
@@ -371,11 +374,10 @@ def write_results(name: str, results: dict, setup: dict) -> Path:
     if results.get("real"):  # rows of other models and methods are kept: each row says its run
         run = {"machine": machine(), "command": setup["command"]}
         new = [row | run for row in results["real"]]
-        done = {(r["family"], r["method"], r["resolution"]) for r in new}
+        key = lambda r: (r["family"], r["method"], r["resolution"], r.get("dtype", "fp32"))  # noqa: E731
+        done = {key(r) for r in new}
         kept = data.get("real", {}).get("rows", [])
-        data["real"] = {
-            "rows": [r for r in kept if (r["family"], r["method"], r["resolution"]) not in done] + new
-        }
+        data["real"] = {"rows": [r for r in kept if key(r) not in done] + new}
     zip_results = results.get("ziplora", [])
     for result in zip_results:
         data.setdefault("ziplora", {})[result["size"]] = {"machine": machine(), **result}
@@ -436,6 +438,9 @@ def main() -> None:
     parser.add_argument(
         "--real-cache", default="/tmp/lora-studio-real", help="where part real keeps its models"
     )
+    parser.add_argument(
+        "--real-dtype", default="fp32", choices=("fp32", "bf16"), help="model dtype in part real"
+    )
     parser.add_argument("--families", default="sd15,sdxl")
     parser.add_argument("--rank", type=int, default=32, help="rank of svd/ties/dare/magnitude results")
     parser.add_argument("--zip-steps", type=int, default=100)
@@ -477,7 +482,9 @@ def main() -> None:
             print("\n".join(model_table(results["model"])))
         if "real" in parts:
             chosen = args.methods.split(",") if args.methods else REAL_METHODS
-            results["real"] = part_real(families, work, Path(args.real_cache), args.real_resolution, chosen)
+            results["real"] = part_real(
+                families, work, Path(args.real_cache), args.real_resolution, chosen, args.real_dtype
+            )
             print("\n".join(real_table(results["real"])))
         if "ziplora" in parts:
             results["ziplora"] = [

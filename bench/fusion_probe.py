@@ -12,7 +12,8 @@ each subject on the eval's prompts ("a sks shape on a <colour> background"), see
 LoRA files already in <out>/work/loras (from an earlier run of this bench) are reused. `--world 128` runs it
 in the 128 px world; `--layers` and `--lora-steps` train the two subject LoRAs on other modules (e.g. only
 the cross-attention's keys and values, `attn2.to_k,attn2.to_v`, as Custom Diffusion does: their inputs are
-the prompt's embeddings, which differ between the two concepts) or for other steps.
+the prompt's embeddings, which differ between the two concepts) or for other steps; `--text-encoder` trains
+them on the text encoder too (bench/results/fusion_probe_te128.md).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ VARIANTS: dict[str, dict] = {
 }
 # the eval's setting (training images, prompt only, 16 samples) with another ridge, pulled toward the base
 # weights (the default) or toward the exact sum
-for ridge in (1e-2, 1e-1, 1.0):
+for ridge in (1e-2, 5e-2, 1e-1, 1.0):
     VARIANTS[f"eval's setting, ridge {ridge:g}"] = {"data": True, "fusion_ridge": ridge}
 for ridge in (1e-3, 1e-2, 1e-1):
     VARIANTS[f"eval's setting, anchored to the sum, ridge {ridge:g}"] = {
@@ -60,6 +61,11 @@ for ridge in (1e-3, 1e-2, 1e-1):
         "fusion_ridge": ridge,
         "fusion_anchor": "sum",
     }
+# the lines above were measured when fusion recorded every layer at once (the text encoders summed) with a
+# ridge of 1e-3 by default: they keep those settings
+for options in VARIANTS.values():
+    options.setdefault("fusion_order", "joint")
+    options.setdefault("fusion_ridge", 1e-3)
 # the reference implementation's order: the cross-attention's keys and values first, the rest recorded after
 for ridge in (1e-3, 1e-2, 3e-2, 5e-2, 1e-1):
     VARIANTS[f"eval's setting, text first, ridge {ridge:g}"] = {
@@ -87,6 +93,38 @@ for ridge in (1e-2, 5e-2):  # every block recorded with the blocks before it fus
         "data": True,
         "fusion_ridge": ridge,
         "fusion_order": "sequential",
+    }
+
+for ridge in (1e-2, 5e-2, 1e-1):  # each concept's error relative to its own delta's effect
+    VARIANTS[f"eval's setting, text first, output balance, ridge {ridge:g}"] = {
+        "data": True,
+        "fusion_ridge": ridge,
+        "fusion_order": "text-first",
+        "fusion_balance": "output",
+    }
+
+for ridge in (1e-2, 5e-2):  # the model run in bf16 (--dtype bf16: half the memory), the solve in float32
+    VARIANTS[f"eval's setting, text first, bf16 model, ridge {ridge:g}"] = {
+        "data": True,
+        "fusion_ridge": ridge,
+        "fusion_order": "text-first",
+        "dtype": "bf16",
+    }
+
+for ridge in (1e-2, 5e-2, 1e-1):  # recorded with each training image's own caption, as the LoRA learnt it
+    VARIANTS[f"training images + captions, text first, ridge {ridge:g}"] = {
+        "data": True,
+        "reference_captions": True,
+        "fusion_ridge": ridge,
+        "fusion_order": "text-first",
+    }
+
+for ridge in (1e-2, 5e-2):  # with LoRAs that adapt the text encoder (--text-encoder): their deltas summed
+    VARIANTS[f"eval's setting, text first, text encoders summed, ridge {ridge:g}"] = {
+        "data": True,
+        "fusion_ridge": ridge,
+        "fusion_order": "text-first",
+        "fusion_text_encoders": "sum",
     }
 
 
@@ -149,6 +187,9 @@ def own_options(parser) -> None:
     parser.add_argument("--world", type=int, default=64, choices=(64, 128), help="the demo world's size")
     parser.add_argument("--layers", default="", help="train the subject LoRAs on these modules only")
     parser.add_argument("--lora-steps", type=int, default=None, help="the subject LoRAs' training steps")
+    parser.add_argument(
+        "--text-encoder", action="store_true", help="the subject LoRAs also train the text encoder"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ev = Evaluator(EvalPlan(out=args.out, images=args.images, seed=args.seed, image_size=args.world))
     training = {"layers": args.layers.split(",")} if args.layers else {}
     training |= {"max_steps": args.lora_steps} if args.lora_steps else {}
+    training |= {"train_text_encoder": True} if args.text_encoder else {}
     files, folders = subject_loras(ev, training)
 
     def line(name: str) -> list[dict]:
@@ -170,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     record, names, _ = run_variants(args, line)
     flags = command_flags(args, lines_of, RESULTS, ROOT)
     flags += f" --world {args.world}" * (args.world != 64) + f" --layers {args.layers}" * bool(args.layers)
-    flags += f" --lora-steps {args.lora_steps}" * bool(args.lora_steps)
+    flags += (
+        f" --lora-steps {args.lora_steps}" * bool(args.lora_steps) + " --text-encoder" * args.text_encoder
+    )
     lines = [
         *record_head(
             f"Gradient fusion: which recorded inputs keep each concept (SD1.5 demo model, {args.world} px)",

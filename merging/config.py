@@ -83,6 +83,11 @@ class MergeConfig:
     device: str = option(
         "auto", "auto, cpu, cuda or cuda:N: where ziplora and the dense methods (ties...) run"
     )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto",
+        "ziplora, fusion: the base model's dtype while it runs (auto: bf16/fp16 on a GPU, fp32 on the CPU); "
+        "bf16 halves its memory, e.g. to fuse SDXL LoRAs on a 24 GB machine; the solve stays in float32",
+    )
     # --- low-rank result ------------------------------------------------------------------------
     rank: int | None = option(
         None, "rank of the result for svd/ties/dare/magnitude (default: largest source rank)", min=1, max=4096
@@ -162,6 +167,17 @@ class MergeConfig:
         "fusion: joint records every layer with each concept's own LoRA; text-first (Mix-of-Show's order) "
         "fuses the cross-attention keys and values first, then records the other layers with them fused; "
         "sequential then goes block by block, each recorded with the blocks before it fused (slower)",
+    )
+    fusion_text_encoders: Literal["fuse", "sum"] = option(
+        "fuse",
+        "fusion, text-first or sequential: the text encoders' LoRA layers fused on each concept's prompts (as "
+        "Mix-of-Show does: a concept's prompt keeps its own encoding) or their deltas summed (the joint order "
+        "always sums them)",
+    )
+    fusion_balance: Literal["rows", "output"] = option(
+        "rows",
+        "fusion: how concepts weigh in each layer's fit: alike per recorded row, or each scaled by its own "
+        "delta's output energy on its inputs, so every concept's error counts relative to its own change",
     )
     fusion_text_rows: Literal["all", "trigger"] = option(
         "all",

@@ -10,15 +10,16 @@ weighted delta (zero where concept i does not adapt the layer):
 with G_i = X_i X_i^T / rows (each concept weighs alike) and G = sum_i G_i + ridge. The paper runs LBFGS for
 minutes to tens of minutes; the normal equations of one layer are (in x in), so a solve per layer is enough.
 dW_i = B_i A_i makes the answer low-rank exactly: up = [B_1 ... B_K], down = [A_i G_i G^-1]_i, rank sum r_i,
-so the file is an ordinary LoRA; `rank` re-factorises it smaller by SVD (the loss reported). Text-encoder
-layers are not recorded: their deltas are summed. The inputs are recorded with the machinery of ZipLoRA's
-layer-wise fit (merging.ziplora_layer), and the merge report measures each concept's preservation on them.
+so the file is an ordinary LoRA; `rank` re-factorises it smaller by SVD (the loss reported). The inputs are
+recorded with the machinery of ZipLoRA's layer-wise fit (merging.ziplora_layer), and the merge report
+measures each concept's preservation on them.
 
-Order (fusion_order): "joint" records every layer at once, each concept with its own LoRA everywhere;
-"text-first" follows the reference implementation: the cross-attention's keys and values, whose only input
-is the prompt, are solved first on the prompt embeddings (every token, or with fusion_text_rows "trigger"
-only each concept's own words and the end token, the reference's concept-token features), and the other
-layers are then recorded with those fused, as the merged model will feed them.
+Order (fusion_order): "joint" records every UNet layer at once, each concept with its own LoRA everywhere,
+and sums the text encoders' deltas; "text-first" follows the reference implementation: the text encoders'
+layers are fused on each concept's prompts, then the cross-attention's keys and values, whose only input is
+the prompt, on the embeddings of the fused encoders (every token, or with fusion_text_rows "trigger" only
+each concept's own words and the end token, the reference's concept-token features), and the other layers
+are then recorded with those fused, as the merged model will feed them.
 
     >>> outcome = fusion_merge(sources, pipe, cfg)  # doctest: +SKIP
 """
@@ -37,7 +38,7 @@ from merging.config import MergeConfig
 from merging.linear import truncate_factors
 from merging.sources import Factors, MergeSource
 from merging.ziplora import adapter_name, prepare
-from merging.ziplora_data import noisy_samples
+from merging.ziplora_data import encode_prompt, noisy_samples
 from merging.ziplora_layer import ZipLoraLayer, ZipLoraModel
 from studio.core.errors import ConfigError
 
@@ -69,10 +70,10 @@ def forward_part(path: str) -> tuple[int, int]:
 def fusion_merge(
     sources: list[MergeSource], pipe, cfg: MergeConfig, progress: Progress | None = None
 ) -> FusionOutcome:
-    """Gather every concept's layer inputs, solve each UNet layer's fusion, keep the text encoders' sum.
+    """Gather every concept's layer inputs and solve each layer's fusion.
 
-    With fusion_order "text-first" (the reference implementation's order) the layers that read the prompt
-    are fused first; the other layers' inputs are then recorded with those fused, as the merged model will
+    With fusion_order "text-first" (the reference implementation's order) the text encoders and the layers
+    that read the prompt are fused first; the other layers' inputs are then recorded with those fused, as the merged model will
     feed them, instead of with each concept's own keys and values. "sequential" goes on block by block in
     forward order, each block recorded with every block before it fused (one recording per block)."""
     started = time.perf_counter()
@@ -83,10 +84,7 @@ def fusion_merge(
         setup = prepare(pipe, model, sources, cfg)
         stages: list = [None]  # one recording of every layer
         if cfg.fusion_order != "joint":
-            solved, recorded = fuse_prompt_layers(model, setup, cfg)
-            if progress:
-                progress({"stage": f"fused {len(solved)} cross-attention key/value layers on the prompts"})
-            fused_so_far.enter_context(model.acting_as(dict(solved)))  # the rest is recorded with them fused
+            solved, recorded = fuse_prompt_side(model, setup, cfg, fused_so_far, progress)
             stages = [lambda path: not reads_prompt(path)]
         if cfg.fusion_order == "sequential":
             parts = sorted(
@@ -102,9 +100,12 @@ def fusion_merge(
                 progress({"stage": f"solving {len(gathered.cross)} layers (part {n + 1} of {len(stages)})"})
             fused = {
                 path: solve_layer(
-                    model.layers[path], gathered.gram_of(path), cross, cfg.fusion_ridge, cfg.fusion_anchor
+                    model.layers[path],
+                    *gathered.system(path, cfg.fusion_balance),
+                    cfg.fusion_ridge,
+                    cfg.fusion_anchor,
                 )  # fmt: skip
-                for path, cross in gathered.cross.items()
+                for path in gathered.cross
             }
             solved |= fused
             recorded |= gathered.subsample()
@@ -123,7 +124,10 @@ def fusion_merge(
         "anchor": cfg.fusion_anchor,
         "order": cfg.fusion_order,
         "text_rows": cfg.fusion_text_rows,
+        "balance": cfg.fusion_balance,
+        "text_encoders": "sum" if cfg.fusion_order == "joint" else cfg.fusion_text_encoders,
         "samples_per_concept": cfg.fusion_samples,
+        "model_dtype": str(pipe.unet.dtype).removeprefix("torch."),
         "seconds": round(time.perf_counter() - started, 2),
     }
     if errors:
@@ -143,6 +147,7 @@ def record_inputs(
     generator = torch.Generator().manual_seed(cfg.seed + 104729)
     sources = tuple(range(len(setup.refs)))
     gathered = Gathered(model, sources, cfg.fast_tokens, cfg.seed, cfg.fusion_samples)
+    gathered.per_concept = cfg.fusion_balance != "rows"
     with gathered.hooked(select), torch.no_grad():
         for k in range(cfg.fusion_samples):  # one sample per concept a pass, its references in turn
             picks = [[k % ref.shape[0]] for ref in setup.refs]
@@ -152,22 +157,81 @@ def record_inputs(
     return gathered
 
 
+def fuse_prompt_side(model: ZipLoraModel, setup, cfg: MergeConfig, acting: contextlib.ExitStack, progress):
+    """The text encoders fused on each concept's prompts, the prompts encoded again with them fused (as the
+    merged model will encode them), then the cross-attention's keys and values fused on those embeddings;
+    both left acting in `acting` for the recording of the rest."""
+    solved, recorded = fuse_text_layers(model, setup, cfg) if cfg.fusion_text_encoders == "fuse" else ({}, {})
+    if solved:
+        acting.enter_context(model.acting_as(dict(solved)))
+        with torch.no_grad():
+            setup.target_conds = [encode_prompt(model.pipe, p, setup.size) for p in setup.prompts]
+        if progress:
+            progress({"stage": f"fused {len(solved)} text-encoder layers on the prompts"})
+    kv_solved, kv_recorded = fuse_prompt_layers(model, setup, cfg)
+    acting.enter_context(model.acting_as(dict(kv_solved)))  # the rest is recorded with them fused
+    if progress:
+        progress({"stage": f"fused {len(kv_solved)} cross-attention key/value layers on the prompts"})
+    return solved | kv_solved, recorded | kv_recorded
+
+
+def fuse_text_layers(model: ZipLoraModel, setup, cfg: MergeConfig):
+    """Mix-of-Show fuses the text encoders first: each text-encoder layer solved on the inputs it sees while
+    concept i's prompts are encoded with concept i's LoRA (each concept's rows weighing alike), so a concept
+    whose LoRA does not touch the encoder keeps its prompt's embeddings unchanged. Returns ({path: fused
+    factors}, {path: {concept: rows}})."""
+    paths = [p for p in model.layers if not p.startswith("unet.")]
+    grams: dict[str, list] = {p: [0] * len(setup.prompts) for p in paths}
+    rows_of: dict[str, dict[int, torch.Tensor]] = {p: {} for p in paths}
+    concept = [0]
+
+    def hook_for(path: str):
+        def hook(module, args, output):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            grams[path][concept[0]] = grams[path][concept[0]] + x.T @ x / x.shape[0]
+            rows_of[path][concept[0]] = x[: cfg.fast_tokens]
+
+        return hook
+
+    handles = [model.layers[p].register_forward_hook(hook_for(p)) for p in paths]
+    try:
+        with torch.no_grad():
+            for i, prompts in enumerate(setup.prompts):
+                concept[0] = i
+                model.set_mode("sources", [i])
+                encode_prompt(model.pipe, prompts, setup.size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    fused = {}
+    for path in paths:
+        layer, down = model.layers[path], model.layers[path].exact_cat()[1]
+        cross = torch.zeros(layer.total_rank, down.shape[1], device=down.device)
+        for i, g in enumerate(grams[path]):
+            cols = layer.slices.get(model.names[i])
+            if cols is not None:
+                cross[cols] += down[cols] @ g
+        gram, cross = weighed(layer, model.names, grams[path], cross, cfg.fusion_balance)
+        fused[path] = solve_layer(layer, gram, cross, cfg.fusion_ridge, cfg.fusion_anchor)
+    return fused, rows_of
+
+
 def fuse_prompt_layers(model: ZipLoraModel, setup, cfg: MergeConfig):
     """The cross-attention's keys and values solved on the prompt embeddings alone (their only input): no
     UNet pass is needed. Returns ({path: fused factors}, {path: {concept: rows}} for the report)."""
     rows = prompt_rows(model.pipe, setup, cfg.fusion_text_rows)
     grams = [x.T @ x / x.shape[0] for x in rows]  # each concept weighs alike, whatever its row count
-    gram = sum(grams)
     fused, recorded = {}, {}
     for path, layer in model.layers.items():
         if not reads_prompt(path):
             continue
-        down = layer.lora_A_cat().detach().float()
-        cross = torch.zeros(layer.total_rank, gram.shape[0], device=gram.device)
+        down = layer.exact_cat()[1]
+        cross = torch.zeros(layer.total_rank, grams[0].shape[0], device=grams[0].device)
         for i, g in enumerate(grams):
             cols = layer.slices.get(model.names[i])
             if cols is not None:
                 cross[cols] += down[cols] @ g
+        gram, cross = weighed(layer, model.names, grams, cross, cfg.fusion_balance)
         fused[path] = solve_layer(layer, gram, cross, cfg.fusion_ridge, cfg.fusion_anchor)
         recorded[path] = {i: x[: cfg.fast_tokens] for i, x in enumerate(rows)}
     return fused, recorded
@@ -224,6 +288,8 @@ class Gathered:
         self.owner: dict[str, str] = {}  # path -> the path whose G it shares (itself when not shared)
         self.cross: dict[str, torch.Tensor] = {}
         self.rows: dict[str, dict[int, list[torch.Tensor]]] = {}
+        self.per_concept = False  # also keep each concept's own G (fusion_balance "output")
+        self.concept_grams: dict[str, list] = {}
         self._seen: dict[int, tuple] = {}  # id(input) -> (weak reference, owner path, per-sample grams)
 
     def _grams(self, path: str, layer: ZipLoraLayer, x_in: torch.Tensor, rows: torch.Tensor) -> list:
@@ -237,6 +303,9 @@ class Gathered:
             raise RuntimeError(f"fusion: the inputs of {path} changed from one forward pass to the next")
         grams = [rows[b].T @ rows[b] for b in range(rows.shape[0])]
         self.gram[path] = self.gram.get(path, 0) + sum(grams)
+        if self.per_concept:
+            kept = self.concept_grams.setdefault(path, [0] * len(grams))
+            self.concept_grams[path] = [k + g for k, g in zip(kept, grams)]
         self._seen = {k: v for k, v in self._seen.items() if v[0]() is not None}
         if not layer.is_conv and id(x_in) not in self._seen:
             self._seen[id(x_in)] = (weakref.ref(x_in), path, grams)
@@ -253,7 +322,7 @@ class Gathered:
             for b, source in enumerate(self.sources):
                 cols = layer.slices.get(self.model.names[source])
                 if cols is not None:  # in rank space: N = up @ cross, cross[cols] = sum A_i X^T X
-                    self.cross[path][cols] += layer.lora_A_cat().detach()[cols].float() @ grams[b]
+                    self.cross[path][cols] += layer.exact_cat()[1][cols] @ grams[b]
                 keep = torch.randperm(rows.shape[1], generator=self.generator)[: self.rows_per_pass]
                 self.rows.setdefault(path, {}).setdefault(source, []).append(rows[b][keep.to(rows.device)])
 
@@ -261,6 +330,13 @@ class Gathered:
 
     def gram_of(self, path: str) -> torch.Tensor:
         return self.gram[self.owner[path]]
+
+    def system(self, path: str, balance: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's (G, cross) to solve, the concepts weighed as `balance` says."""
+        if balance == "rows":
+            return self.gram_of(path), self.cross[path]
+        grams = self.concept_grams[self.owner[path]]
+        return weighed(self.model.layers[path], self.model.names, grams, self.cross[path], balance)
 
     @contextlib.contextmanager
     def hooked(self, select: Callable[[str], bool] | None = None):
@@ -284,6 +360,33 @@ class Gathered:
         }
 
 
+def weighed(layer: ZipLoraLayer, names, grams, cross: torch.Tensor, balance: str):
+    """G = sum_i c_i G_i and cross_i scaled by c_i. "output": c_i = 1 / ||dW_i X_i||^2 (normalised to a mean
+    of 1 over the concepts the layer adapts; the others keep 1), so each concept's error counts relative to its
+    own delta's effect rather than in absolute terms, where a stronger LoRA outweighs a weaker one. Each
+    concept's G is kept for this (K times the Gram memory of "rows")."""
+    if balance == "rows":
+        return sum(grams), cross
+    up, down = layer.exact_cat()
+    energy = {}
+    for i, g in enumerate(grams):
+        cols = layer.slices.get(names[i])
+        if cols is not None:  # ||B A X||^2 = sum((B^T B) * (A G A^T))
+            energy[i] = float(((up[:, cols].T @ up[:, cols]) * (down[cols] @ g @ down[cols].T)).sum())
+    scale = [1.0] * len(grams)
+    live = {i: e for i, e in energy.items() if e > 0}
+    if live:
+        mean_inverse = sum(1 / e for e in live.values()) / len(live)
+        for i, e in live.items():
+            scale[i] = 1 / e / mean_inverse
+    cross = cross.clone()
+    for i, c in enumerate(scale):
+        cols = layer.slices.get(names[i])
+        if cols is not None:
+            cross[cols] *= c
+    return sum(c * g for c, g in zip(scale, grams)), cross
+
+
 def solve_layer(
     layer: ZipLoraLayer, gram: torch.Tensor, cross: torch.Tensor, ridge: float, anchor: str = "base"
 ) -> Factors:
@@ -296,6 +399,6 @@ def solve_layer(
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     r = ridge * float(gram.diagonal().mean())
     if anchor == "sum":
-        cross = cross + r * layer.lora_A_cat().detach().double()
+        cross = cross + r * layer.exact_cat()[1].double()
     down = torch.linalg.solve(gram + r * eye, cross.T).T  # G symmetric
-    return Factors(layer.lora_B_cat().detach().float(), down.float())
+    return Factors(layer.exact_cat()[0].clone(), down.float())

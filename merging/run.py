@@ -230,6 +230,7 @@ def _load_model(
     from studio.core.models import load_base
 
     device = device or (None if config.device == "auto" else config.device)
+    dtype = dtype or (None if config.dtype == "auto" else config.dtype)
     path = str(
         resolve_model(path)[0]
     )  # "demo:sd15" / "demo:sdxl" name the built-in models, as in train/generate

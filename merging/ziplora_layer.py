@@ -56,6 +56,8 @@ class ZipLoraLayer(nn.Module):
         )
         self._up_cat: torch.Tensor | None = None
         self._down_cat: torch.Tensor | None = None
+        self._exact: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> float32 (up, flat down)
+        self._exact_cat: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def adapter_names(self) -> list[str]:
@@ -78,6 +80,9 @@ class ZipLoraLayer(nn.Module):
         self.slices[name] = slice(start, start + factors.rank)
         self._up_cat = torch.cat([self.lora_B[n] for n in self.adapter_names], 1)
         self._down_cat = torch.cat([self.lora_A[n] for n in self.adapter_names], 0)
+        exact = (factors.up.to(weight.device, torch.float32), factors.down.to(weight.device, torch.float32))
+        self._exact[name] = exact
+        self._exact_cat = None
 
     def lora_A_cat(self) -> torch.Tensor:
         """All down-projections, concatenated, flattened: (total rank, in * kh * kw), mergers not applied."""
@@ -86,6 +91,17 @@ class ZipLoraLayer(nn.Module):
     def lora_B_cat(self) -> torch.Tensor:
         """All up-projections (scales folded in), concatenated: (out, total rank)."""
         return self._up_cat
+
+    def exact_cat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, flattened down) of every adapter, concatenated, in float32 as given: the layer's own copies are
+        in the base weight's dtype (bf16 with a bf16 model), too coarse for a closed-form solve."""
+        if self._exact_cat is None:
+            names = self.adapter_names
+            self._exact_cat = (
+                torch.cat([self._exact[n][0] for n in names], 1),
+                torch.cat([self._exact[n][1] for n in names], 0),
+            )
+        return self._exact_cat
 
     def _scaled_down(self, name: str) -> torch.Tensor:
         """A_i diag(m_i): the merger scales input columns (input channels of a conv)."""
@@ -228,7 +244,7 @@ class ZipLoraModel:
                 base = self.layers[path].base_layer
                 saved[path] = base.weight.detach().clone()
                 with torch.no_grad():
-                    delta = factors.up.to(base.weight) @ factors.down.to(base.weight)
+                    delta = (factors.up.float() @ factors.down.float()).to(base.weight)
                     base.weight += delta.reshape(base.weight.shape)
                 self._set_module(path, base)
             yield
