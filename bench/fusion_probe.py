@@ -31,9 +31,9 @@ RESULTS = ROOT / "bench/results/fusion_probe.md"
 from records import command_flags, record_head, run_variants, variant_args, write_variant_results  # noqa: E402  (bench/ is on the path as a script)
 
 from studio.app.evaluate import EvalPlan, Evaluator  # noqa: E402
-from studio.demo.concepts import SUBJECT, SUBJECT_2  # noqa: E402
+from studio.demo.concepts import SUBJECTS_4  # noqa: E402
 
-SUBJECTS = (SUBJECT, SUBJECT_2)
+SUBJECTS = SUBJECTS_4[:2]  # heart, moon; --subjects 4 adds the arrow and the bolt
 # merge options per line; "data" = each LoRA's training folder as its references
 VARIANTS: dict[str, dict] = {
     "prompt only, 4 samples": {"fusion_samples": 4},
@@ -146,9 +146,9 @@ def subject_loras(ev: Evaluator, training: dict) -> tuple[list[Path], list[Path]
     return files, folders
 
 
-def judged(ev: Evaluator, variant: str, case: str, lora: Path) -> list[dict]:
+def judged(ev: Evaluator, variant: str, case: str, lora: Path, subjects=None) -> list[dict]:
     rows = []
-    for subject in SUBJECTS:
+    for subject in subjects or SUBJECTS:
         row = ev.subject_row("orthogonal", case, [(lora, 1.0)], subject)
         rows.append({"variant": variant, "subject_name": subject["shape"]} | row.metrics)
     return rows
@@ -168,18 +168,18 @@ def run_variant(ev: Evaluator, name: str, options: dict, files, folders) -> list
 
 
 def table(record: list[dict], names: list[str]) -> list[str]:
+    shapes = [s["shape"] for s in SUBJECTS]
+    summed = " | summed" if len(shapes) > 2 else ""
     lines = [
-        "| line | heart | heart bg | moon | moon bg | merge s |",
-        "|---|---|---|---|---|---|",
+        "| line | " + " | ".join(f"{s} | {s} bg" for s in shapes) + summed + " | merge s |",
+        "|---" * (2 * len(shapes) + 2 + bool(summed)) + "|",
     ]
     for name in names:
         cells = {r["subject_name"]: r for r in record if r["variant"] == name}
-        heart, moon = cells["heart"], cells["moon"]
-        seconds = heart.get("merge_seconds")
-        lines.append(
-            f"| {name} | {heart['subject']:.2f} | {heart['background']:.2f} | {moon['subject']:.2f} | "
-            f"{moon['background']:.2f} | {'' if seconds is None else seconds} |"
-        )
+        seconds = cells[shapes[0]].get("merge_seconds")
+        shares = " | ".join(f"{cells[s]['subject']:.2f} | {cells[s]['background']:.2f}" for s in shapes)
+        total = f" | {sum(cells[s]['subject'] for s in shapes):.2f}" if summed else ""
+        lines.append(f"| {name} | {shares}{total} | {'' if seconds is None else seconds} |")
     return lines
 
 
@@ -190,12 +190,15 @@ def own_options(parser) -> None:
     parser.add_argument(
         "--text-encoder", action="store_true", help="the subject LoRAs also train the text encoder"
     )
+    parser.add_argument("--subjects", type=int, default=2, choices=(2, 4), help="subjects fused together")
 
 
 def main(argv: list[str] | None = None) -> int:
     lines_of = ["each alone", "exact sum (concat)"] + list(VARIANTS)
     args = variant_args(__doc__, lines_of, RESULTS, argv, sep="|", more=own_options)
     torch.set_num_threads(args.threads)
+    global SUBJECTS
+    SUBJECTS = SUBJECTS_4[: args.subjects]
     ev = Evaluator(EvalPlan(out=args.out, images=args.images, seed=args.seed, image_size=args.world))
     training = {"layers": args.layers.split(",")} if args.layers else {}
     training |= {"max_steps": args.lora_steps} if args.lora_steps else {}
@@ -203,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     files, folders = subject_loras(ev, training)
 
     def line(name: str) -> list[dict]:
-        if name == "each alone":
-            return [judged(ev, name, name, f)[i] for i, f in enumerate(files)]
+        if name == "each alone":  # each LoRA judged on its own subject only
+            return [judged(ev, name, name, f, [s])[0] for f, s in zip(files, SUBJECTS)]
         if name == "exact sum (concat)":
             return judged(ev, name, name, ev.merge("subjects_concat", "concat", [f"{f}:1.0" for f in files]))
         return run_variant(ev, name, VARIANTS[name], files, folders)
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     flags += (
         f" --lora-steps {args.lora_steps}" * bool(args.lora_steps) + " --text-encoder" * args.text_encoder
     )
+    flags += f" --subjects {args.subjects}" * (args.subjects != 2)
     lines = [
         *record_head(
             f"Gradient fusion: which recorded inputs keep each concept (SD1.5 demo model, {args.world} px)",

@@ -155,7 +155,8 @@ class MergeConfig:
     fusion_ridge: float = option(
         0.05,
         "fusion: ridge added to each layer's input Gram matrix, relative to its mean diagonal (0.05 with "
-        "text-first kept the most of the weaker concept in bench/results/fusion_probe_128.md)",
+        "text-first kept the most of the weaker concept in bench/results/fusion_probe_128.md; LoRAs that "
+        "train the text encoder, recorded with captions, kept the most at 0.01: fusion_probe_te128*.md)",
         min=0.0,
     )
     fusion_anchor: Literal["base", "sum"] = option(
