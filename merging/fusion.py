@@ -111,12 +111,7 @@ def fusion_merge(
             recorded |= gathered.subsample()
             if n + 1 < len(stages):
                 fused_so_far.enter_context(model.acting_as(fused))  # later parts are recorded with it fused
-    factors, errors = {}, {}
-    for path, layer in model.layers.items():
-        fused = solved.get(path) or layer.merged_factors()  # unrecorded layers: the plain sum
-        if cfg.rank and fused.rank > cfg.rank:
-            fused, errors[path] = truncate_factors(fused, cfg.rank)
-        factors[path] = fused
+    factors, info = fused_factors(model, solved, cfg)
     info = {
         "layers_fused": len(solved),
         "layers_summed": len(model.layers) - len(solved),
@@ -129,15 +124,24 @@ def fusion_merge(
         "samples_per_concept": cfg.fusion_samples,
         "model_dtype": str(pipe.unet.dtype).removeprefix("torch."),
         "seconds": round(time.perf_counter() - started, 2),
-    }
-    if errors:
-        worst = max(errors, key=errors.get)
-        info["svd_error"] = {
-            "mean": sum(errors.values()) / len(errors),
-            "max": errors[worst],
-            "worst_module": worst,
-        }
+    } | info
     return FusionOutcome(factors, info, recorded)
+
+
+def fused_factors(model: ZipLoraModel, solved: dict[str, Factors], cfg: MergeConfig) -> tuple[dict, dict]:
+    """Every layer's result (unrecorded layers: the plain sum), cut to `cfg.rank` by SVD where asked, and
+    {"svd_error": ...} when something was cut."""
+    factors, errors = {}, {}
+    for path, layer in model.layers.items():
+        fused = solved.get(path) or layer.merged_factors()
+        if cfg.rank and fused.rank > cfg.rank:
+            fused, errors[path] = truncate_factors(fused, cfg.rank)
+        factors[path] = fused
+    if not errors:
+        return factors, {}
+    worst = max(errors, key=errors.get)
+    mean = sum(errors.values()) / len(errors)
+    return factors, {"svd_error": {"mean": mean, "max": errors[worst], "worst_module": worst}}
 
 
 def record_inputs(
