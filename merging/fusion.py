@@ -111,7 +111,7 @@ def fusion_merge(
             recorded |= gathered.subsample()
             if n + 1 < len(stages):
                 fused_so_far.enter_context(model.acting_as(fused))  # later parts are recorded with it fused
-    factors, info = fused_factors(model, solved, cfg)
+    factors, svd_info = fused_factors(model, solved, cfg)
     info = {
         "layers_fused": len(solved),
         "layers_summed": len(model.layers) - len(solved),
@@ -124,7 +124,7 @@ def fusion_merge(
         "samples_per_concept": cfg.fusion_samples,
         "model_dtype": str(pipe.unet.dtype).removeprefix("torch."),
         "seconds": round(time.perf_counter() - started, 2),
-    } | info
+    } | svd_info
     return FusionOutcome(factors, info, recorded)
 
 
@@ -207,16 +207,7 @@ def fuse_text_layers(model: ZipLoraModel, setup, cfg: MergeConfig):
     finally:
         for handle in handles:
             handle.remove()
-    fused = {}
-    for path in paths:
-        layer, down = model.layers[path], model.layers[path].exact_cat()[1]
-        cross = torch.zeros(layer.total_rank, down.shape[1], device=down.device)
-        for i, g in enumerate(grams[path]):
-            cols = layer.slices.get(model.names[i])
-            if cols is not None:
-                cross[cols] += down[cols] @ g
-        gram, cross = weighed(layer, model.names, grams[path], cross, cfg.fusion_balance)
-        fused[path] = solve_layer(layer, gram, cross, cfg.fusion_ridge, cfg.fusion_anchor)
+    fused = {path: solve_on_grams(model.layers[path], model.names, grams[path], cfg) for path in paths}
     return fused, rows_of
 
 
@@ -229,14 +220,7 @@ def fuse_prompt_layers(model: ZipLoraModel, setup, cfg: MergeConfig):
     for path, layer in model.layers.items():
         if not reads_prompt(path):
             continue
-        down = layer.exact_cat()[1]
-        cross = torch.zeros(layer.total_rank, grams[0].shape[0], device=grams[0].device)
-        for i, g in enumerate(grams):
-            cols = layer.slices.get(model.names[i])
-            if cols is not None:
-                cross[cols] += down[cols] @ g
-        gram, cross = weighed(layer, model.names, grams, cross, cfg.fusion_balance)
-        fused[path] = solve_layer(layer, gram, cross, cfg.fusion_ridge, cfg.fusion_anchor)
+        fused[path] = solve_on_grams(layer, model.names, grams, cfg)
         recorded[path] = {i: x[: cfg.fast_tokens] for i, x in enumerate(rows)}
     return fused, recorded
 
@@ -307,9 +291,10 @@ class Gathered:
             raise RuntimeError(f"fusion: the inputs of {path} changed from one forward pass to the next")
         grams = [rows[b].T @ rows[b] for b in range(rows.shape[0])]
         self.gram[path] = self.gram.get(path, 0) + sum(grams)
-        if self.per_concept:
-            kept = self.concept_grams.setdefault(path, [0] * len(grams))
-            self.concept_grams[path] = [k + g for k, g in zip(kept, grams)]
+        if self.per_concept:  # added in place: one buffer per concept, not a new one every sample
+            kept = self.concept_grams.setdefault(path, [torch.zeros_like(g) for g in grams])
+            for total, g in zip(kept, grams):
+                total += g
         self._seen = {k: v for k, v in self._seen.items() if v[0]() is not None}
         if not layer.is_conv and id(x_in) not in self._seen:
             self._seen[id(x_in)] = (weakref.ref(x_in), path, grams)
@@ -362,6 +347,19 @@ class Gathered:
             p: {i: torch.cat(chunks)[: self.report_rows] for i, chunks in per.items()}
             for p, per in self.rows.items()
         }
+
+
+def solve_on_grams(layer: ZipLoraLayer, names, grams: list, cfg: MergeConfig) -> Factors:
+    """One layer's fusion from each concept's input Gram matrix G_i (a layer several concepts share):
+    cross_i = A_i G_i for the concepts that adapt it, weighed and solved as the options say."""
+    down = layer.exact_cat()[1]
+    cross = torch.zeros(layer.total_rank, down.shape[1], device=down.device)
+    for i, g in enumerate(grams):
+        cols = layer.slices.get(names[i])
+        if cols is not None:
+            cross[cols] += down[cols] @ g
+    gram, cross = weighed(layer, names, grams, cross, cfg.fusion_balance)
+    return solve_layer(layer, gram, cross, cfg.fusion_ridge, cfg.fusion_anchor)
 
 
 def weighed(layer: ZipLoraLayer, names, grams, cross: torch.Tensor, balance: str):
