@@ -110,3 +110,21 @@ def record_head(title: str, script: str, flags: str, about: str) -> list[str]:
         f"; {about}",
         "",
     ]
+
+
+def reuse_trained_loras(ev) -> None:
+    """Let an Evaluator reuse the LoRAs an earlier run trained into its work folder (a trained LoRA has its
+    config beside it; merges, which have none, are made again)."""
+    for config in sorted((ev.work / "loras").glob("*.config.json")):
+        lora = config.with_name(config.name.removesuffix(".config.json") + ".safetensors")
+        if lora.is_file():
+            ev.loras.setdefault(lora.stem, lora)
+
+
+def metric_table(record: list[dict], names: list[str], metrics: tuple[str, ...]) -> list[str]:
+    """A table of one line per variant (its record entry) and one column per metric (shares, two decimals)."""
+    lines = ["| variant | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for name in names:
+        cells = next(r for r in record if r["variant"] == name)
+        lines.append(f"| {name} | " + " | ".join(f"{cells[m]:.2f}" for m in metrics) + " |")
+    return lines

@@ -1,0 +1,117 @@
+"""How much of one concept's LoRA acts on another concept's prompt after a sum: orthogonal against ordinary.
+
+Orthogonal adaptation promises that a summed LoRA acts on concept i's inputs as LoRA i alone does, because
+the other concepts' down-projections are orthogonal to i's. This bench measures it on the whole model: for
+each concept's training images (noised at a few timesteps) and captions, the crosstalk is
+
+    || eps(sum of LoRAs) - eps(LoRA i alone) ||  /  || eps(LoRA i alone) - eps(base) ||
+
+(1 = the others change the prediction as much as concept i's own LoRA does; 0 = they do not touch it),
+for each pair of LoRA files given as `--pair NAME:heart.safetensors,moon.safetensors:DATA_HEART,DATA_MOON`.
+
+    python bench/crosstalk_probe.py --model demo:sd15-128 \\
+        --pair "orthogonal:/tmp/o/h.safetensors,/tmp/o/m.safetensors:/tmp/o/data/h,/tmp/o/data/m"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from records import previous_notes, record_head  # noqa: E402  (bench/ is on the path as a script)
+
+from studio.core.model_paths import resolve_model  # noqa: E402
+
+TIMESTEPS = (200, 500, 800)
+
+
+def noisy_inputs(pipe, folder: Path, generator: torch.Generator):
+    """(noisy latents, timesteps, captions) of every training image at each of TIMESTEPS."""
+    images = sorted(folder.glob("*.png"))
+    pixels = torch.stack(
+        [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in images]
+    )
+    with torch.no_grad():
+        latents = (
+            pipe.vae.encode(pixels.float() / 127.5 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
+        )
+    captions = [p.with_suffix(".txt").read_text().strip() for p in images]
+    rows = []
+    for t in TIMESTEPS:
+        noise = torch.randn(latents.shape, generator=generator)
+        steps = torch.full((len(images),), t)
+        rows.append((pipe.scheduler.add_noise(latents, noise, steps), steps, captions))
+    return rows
+
+
+def predict(pipe, inputs) -> torch.Tensor:
+    outs = []
+    with torch.no_grad():
+        for latents, steps, captions in inputs:
+            emb = pipe.encode_prompt(captions, "cpu", 1, False)[0]
+            outs.append(pipe.unet(latents, steps, encoder_hidden_states=emb).sample)
+    return torch.cat(outs)
+
+
+def crosstalk(pipe, files: list[str], folders: list[str]) -> list[float]:
+    names = [f"c{i}" for i in range(len(files))]
+    for name, path in zip(names, files):
+        pipe.load_lora_weights(path, adapter_name=name)
+    ratios = []
+    for i, folder in enumerate(folders):
+        inputs = noisy_inputs(pipe, Path(folder), torch.Generator().manual_seed(i))
+        pipe.disable_lora()
+        base = predict(pipe, inputs)
+        pipe.enable_lora()
+        pipe.set_adapters([names[i]], [1.0])
+        alone = predict(pipe, inputs)
+        pipe.set_adapters(names, [1.0] * len(names))
+        summed = predict(pipe, inputs)
+        ratios.append(float((summed - alone).norm() / (alone - base).norm()))
+    pipe.delete_adapters(names)
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="demo:sd15-128")
+    parser.add_argument("--pair", action="append", required=True, help="NAME:FILE,FILE:DATA,DATA")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", type=Path, default=ROOT / "bench/results/crosstalk_probe.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from diffusers import StableDiffusionPipeline
+
+    path, _ = resolve_model(args.model)
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+    lines = ["| LoRAs | crosstalk on concept 1 | crosstalk on concept 2 |", "|---|---|---|"]
+    for spec in args.pair:
+        name, files, folders = spec.split(":")
+        ratios = crosstalk(pipe, files.split(","), folders.split(","))
+        lines.append(f"| {name} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+        print(lines[-1], flush=True)
+    pairs = " ".join(f'--pair "{p}"' for p in args.pair)
+    head = record_head(
+        "Crosstalk of summed LoRAs on each concept's own inputs (SD1.5 demo model)",
+        "crosstalk_probe.py",
+        f"--model {args.model} {pairs}",
+        f"timesteps {', '.join(map(str, TIMESTEPS))}, every training image of each concept.",
+    )
+    if notes := previous_notes(args.results):
+        lines += ["", notes.rstrip()]
+    args.results.write_text("\n".join(head + lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
