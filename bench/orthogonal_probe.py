@@ -38,6 +38,8 @@ VARIANTS: dict[str, dict] = {
     "text encoder": {"train_text_encoder": True},
     "merge weight 0.6": {"merge_weight": 0.6},
     "text encoder, merge weight 0.6": {"train_text_encoder": True, "merge_weight": 0.6},
+    # each subject's trigger word learnt as a token embedding with its LoRA (the paper's lr 1e-3)
+    "token embeddings": {"token_words": "own"},
 }
 KINDS = {"orthogonal": ("orthogonal", "orthogonal"), "ordinary": ("dreambooth", "concat")}
 
@@ -57,8 +59,11 @@ def train_kind(ev: Evaluator, kind: str, options: dict, subjects) -> list[Path]:
             # the eval's orthogonal LoRAs train twice the steps at 128 px (EvalPlan.ortho_steps)
             steps = ev.plan.ortho_steps if ev.plan.image_size == 128 else ev.plan.lora_steps
             extra |= {"ortho_slice": index, "ortho_num_concepts": len(subjects), "max_steps": steps}
+        extra |= options
+        if options.get("token_words") == "own":
+            extra["token_words"] = [subject["token"]]
         name = f"probe_{kind}_{subject['shape']}_of{len(subjects)}{tag}"
-        files.append(ev.train(name, method, data, **(extra | options)))
+        files.append(ev.train(name, method, data, **extra))
     return files
 
 

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from merging.config import DENSE_METHODS, ZIPLORA_METHODS, MergeConfig
+from merging.config import DENSE_METHODS, MODEL_METHODS, ZIPLORA_METHODS, MergeConfig
 from merging.linear import concat_merge, default_rank, svd_merge
 from merging.output import read_mergers, write_merge
 from merging.report import MergeReport, build_report
 from merging.sources import Factors, MergeSource, layouts, load_sources, lora_from_factors
-from studio.core.errors import FamilyMismatchError, StudioError
+from studio.core.errors import ConfigError, FamilyMismatchError, StudioError
 from studio.core.families import FAMILY_NAMES, Family
+from studio.core.lora_embeddings import union
 from studio.core.lora_files import LoraSet
 from studio.core.modules import base_weight, model_module_shapes
 
@@ -68,6 +69,7 @@ def run_merge(config: MergeConfig, *, pipe=None, progress: Progress | None = Non
     _check_outputs(config)
     # 2. read the sources: one family, matching layer shapes, block weights parsed
     sources, family = load_sources(config.source_refs(), config.family, allow_pickle=config.allow_pickle)
+    embeddings = bundled_embeddings(config, sources)
     # 3. the base model when the method or --into-base needs it
     loaded_here = pipe is None and bool(config.model)
     pipe = _attach_base(config, sources, family, pipe, progress)
@@ -76,6 +78,7 @@ def run_merge(config: MergeConfig, *, pipe=None, progress: Progress | None = Non
     _emit(progress, stage=f"merging ({config.method})")
     merged = merge_factors(config, sources, pipe, progress)
     lora = lora_from_factors(merged.factors, shapes, family)
+    lora.embeddings = embeddings
     # 5. measure
     _emit(progress, stage="measuring")
     report = build_report(
@@ -99,6 +102,24 @@ def run_merge(config: MergeConfig, *, pipe=None, progress: Progress | None = Non
     if config.into_base:
         result.into_base = _into_base(config, lora, family, pipe, loaded_here, progress)
     return result
+
+
+def bundled_embeddings(config: MergeConfig, sources: list[MergeSource]) -> dict:
+    """The token embeddings the sources bundle, for the merged file (a word two sources bundle is refused)."""
+    bundled = [(s.label, s.lora.embeddings) for s in sources if s.lora.embeddings]
+    if not bundled:
+        return {}
+    label = bundled[0][0]
+    if config.method in MODEL_METHODS:  # they run the model on the sources' prompts
+        raise ConfigError(
+            f"{label} bundles token embeddings, which {config.method} does not use yet; merge it with another "
+            "method (concat, svd, ties ...)"
+        )
+    if config.into_base:
+        raise ConfigError(
+            f"{label} bundles token embeddings, which a checkpoint cannot hold; merge without --into-base"
+        )
+    return union(bundled)
 
 
 def _attach_base(

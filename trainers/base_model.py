@@ -30,6 +30,7 @@ class TrainModels:
     attention: str
     name: str = ""
     model_hash: str = ""
+    token_words: object | None = None  # trainers.token_words.TokenWords when cfg.token_words are learnt
 
 
 def load_base_model(cfg: TrainConfig):

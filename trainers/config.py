@@ -103,6 +103,12 @@ class TrainConfig:
     )
     conv_alpha: float = option(0.0, "alpha of conv LoRA; 0 = same as conv_rank", min=0.0)
     train_text_encoder: bool = option(False, "also train LoRA on the text encoder(s) (block BASE)")
+    token_words: list[str] = option(
+        [],
+        "learn these trigger words' token embeddings with the LoRA (pivotal tuning), one vector each, saved in "
+        "the LoRA file the way A1111 reads them; words the tokenizer does not have whole, e.g. sks",
+    )
+    token_lr: float = option(1e-3, "learning rate of the token_words' embeddings", min=0.0)
     lora_dropout: float = option(0.0, "dropout inside LoRA layers", min=0.0)
     blocks: list[str] = option([], "only these block ids get a LoRA, e.g. OUT00,OUT01 (empty = all)")
     layers: list[str] = option(

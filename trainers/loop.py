@@ -44,6 +44,7 @@ from trainers.optim import make_lr_scheduler, make_optimizer
 from trainers.output_dir import claim_output_dir
 from trainers.samples import render_samples
 from trainers.step import TrainData, part_loss, step_seed
+from trainers.token_words import TokenWords
 
 
 class TrainingDiverged(StudioError):
@@ -99,6 +100,12 @@ def train(cfg: TrainConfig, *, pipe=None, family: str | None = None, on_event: E
             model_module_shapes(models.pipe), models.family, method.target_spec(cfg, models.family)
         )
         layers = add_lora(models.pipe, plan, cfg.lora_dropout, cfg.network_type, cfg.lokr_factor)
+        if cfg.token_words:
+            if run.accelerator.num_processes > 1:  # their gradients are not synced across processes
+                raise ConfigError(
+                    "token_words train in one process; run without accelerate's multi-process launch"
+                )
+            models.token_words = TokenWords(cfg.token_words, models.tokenizers, models.text_encoders)
         extra_meta = method.prepare_lora(cfg, layers, plan) if method.prepare_lora else {}
         data = prepare_data(cfg, parts, models, run)
         opt = build_optimizer(cfg, run, models, layers, plan)
@@ -199,7 +206,7 @@ def prepare_data(cfg: TrainConfig, parts: list[DataPart], models: TrainModels, r
         data.cache_latents(progress=cfg.progress_bar and run.accelerator.is_main_process)
     data.text = TextCache(models.tokenizers, models.text_encoders, family=models.family, clip_skip=cfg.clip_skip,
                           cache=cfg.cache_text_embeddings and not cfg.shuffle_caption,
-                          trainable=cfg.train_text_encoder)  # fmt: skip
+                          trainable=cfg.train_text_encoder or bool(cfg.token_words))  # fmt: skip
     if cfg.cache_latents and data.text.cache and not cfg.sample_every:
         free_encoders(cfg, parts, models, data, run)
     return data
@@ -249,6 +256,9 @@ def build_optimizer(cfg: TrainConfig, run: Run, models: TrainModels, layers: dic
     cast_training_params(trained, dtype=torch.float32)  # LoRA factors train in fp32 under mixed precision
     params = trainable_parameters(layers)
     groups = param_groups(layers, plan, cfg.learning_rate, cfg.effective_text_encoder_lr)
+    if models.token_words is not None:  # the learnt word vectors: their own group, saved in checkpoints
+        params |= models.token_words.params
+        groups.append(models.token_words.group(cfg.token_lr))
     optimizer = make_optimizer(cfg, groups)
     scheduler = make_lr_scheduler(cfg, optimizer, acc.num_processes)
     prepared = acc.prepare(*trained, optimizer, scheduler)
@@ -376,6 +386,8 @@ def save_outputs(cfg: TrainConfig, run: Run, models: TrainModels, method: Method
     if acc.is_main_process:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
         lora = extract_lora(layers, plan, models.family, dtype)
+        if models.token_words is not None:
+            lora.embeddings = models.token_words.embeddings()
         meta = training_metadata(cfg, parts=parts, plan=plan, step=step, started=run.started, finished=time.time(),
                                  model_name=models.name, model_hash=models.model_hash, extra=extra_meta)  # fmt: skip
         files.append(write_lora(lora, path, family=models.family, metadata=meta, overwrite=cfg.overwrite))

@@ -23,6 +23,7 @@ from studio.core.adapter_config import WEIGHTS_NAME, folder_config, is_adapter_f
 from studio.core.errors import BadFileError, FamilyMismatchError, KeyMismatchError, StudioError
 from studio.core.families import FAMILY_NAMES, Family
 from studio.core.io import atomic_save_safetensors, is_pickle, load_pickle_tensors, read_safetensors
+from studio.core.lora_embeddings import bundled_state, split_bundled
 from studio.core.lora_formats import kohya_metadata, read_modules, to_kohya_state_dict, to_peft_state_dict
 from studio.core.lora_keys import B_LORA_CONTENT, B_LORA_STYLE, detect_lora_family
 from studio.core.lora_set import (
@@ -83,11 +84,14 @@ def lora_from_state_dict(
 ) -> LoraSet:
     """Build a checked LoraSet from the tensors of a LoRA file (format detected from the keys)."""
     metadata = dict(metadata or {})
+    state, embeddings = split_bundled(state)
     if not state:
+        if embeddings:
+            raise BadFileError("the file holds only token embeddings; it is an embedding, not a LoRA.")
         raise BadFileError("the file holds no tensors.")
     modules, fmt = read_modules(state, metadata, config)
     family = detect_lora_family({p: m.weight_shape for p, m in modules.items()}, metadata)
-    return LoraSet(modules, family, metadata, fmt)
+    return LoraSet(modules, family, metadata, fmt, embeddings=embeddings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,7 +156,7 @@ def fit_to_model(lora: LoraSet, module_shapes: dict[str, tuple[int, ...]]) -> Lo
             elif not conv and m.down.dim() == 4:
                 m = LoraModule(m.down.flatten(1), m.up.flatten(1), m.alpha, m.mid, m.dora_scale)
         out[path] = m
-    return LoraSet(out, lora.family, dict(lora.metadata), lora.source_format, lora.path)
+    return LoraSet(out, lora.family, dict(lora.metadata), lora.source_format, lora.path, lora.embeddings)
 
 
 def _family_from_shapes(module_shapes: dict[str, tuple[int, ...]]) -> Family:
@@ -181,7 +185,11 @@ def write_lora(
     if family is None:
         raise StudioError("cannot tell whether this LoRA is for SD1.5 or SDXL; pass family='sd15' or 'sdxl'.")
     if fmt == "kohya":
-        state = to_kohya_state_dict(lora, family)
+        state = to_kohya_state_dict(lora, family) | bundled_state(lora.embeddings, family)
+    elif lora.embeddings:
+        raise StudioError(
+            "token embeddings are stored in kohya-format LoRA files only; write this one as kohya"
+        )
     elif fmt == "peft":
         state = to_peft_state_dict(lora)
     else:

@@ -59,6 +59,35 @@ KIND_NAMES = {"lora": "LoRA", "locon": "LoCon", "tucker": "LoCon (Tucker)", "dor
 _KXK_CONVS = (".conv1", ".conv2", ".conv", ".conv_in", ".conv_out")
 
 
+# token embeddings bundled in a LoRA file (A1111 / sd-scripts): bundle_emb.<word>.<vector>; see lora_embeddings
+BUNDLE_PREFIX = "bundle_emb."
+
+
+BUNDLE_SD15_VECTOR = "string_to_param.*"  # SD1.5: A1111's textual-inversion layout; SDXL: clip_l, clip_g
+BUNDLE_ENCODERS = ("clip_l", "clip_g")
+_BUNDLE_WORD = re.compile(r"^[^\s.]+$")  # one prompt word, no dots (they separate the key's parts)
+
+
+def parse_bundle_key(key: str) -> tuple[str, str]:
+    """(word, text encoder) of a bundled embedding's key: bundle_emb.sks.string_to_param.* -> (sks, clip_l)."""
+    word, _, vector = key[len(BUNDLE_PREFIX) :].partition(".")
+    encoder = "clip_l" if vector == BUNDLE_SD15_VECTOR else vector
+    if not _BUNDLE_WORD.match(word) or encoder not in BUNDLE_ENCODERS:
+        raise BadFileError(
+            f"{key}: not a bundled embedding this studio knows (bundle_emb.<word>.clip_l, ...)"
+        )
+    return word, encoder
+
+
+def bundled_words(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """{word: vectors} of the embeddings bundled in a file, from its keys and shapes (keys checked)."""
+    words: dict[str, int] = {}
+    for key, shape in shapes.items():
+        if key.startswith(BUNDLE_PREFIX):
+            words[parse_bundle_key(key)[0]] = shape[0] if len(shape) == 2 else 1
+    return words
+
+
 B_LORA_CONTENT = "unet.up_blocks.0.attentions.0."
 B_LORA_STYLE = "unet.up_blocks.0.attentions.1."
 

@@ -226,6 +226,8 @@ class LoraSet(ModulePaths):
     metadata: dict[str, str] = field(default_factory=dict)
     source_format: LoraFormat | None = None
     path: Path | None = None
+    # token embeddings bundled with the modules: {word: {"clip_l": (n, width), ...}} (lora_embeddings)
+    embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def ranks(self) -> list[int]:
@@ -252,7 +254,7 @@ class LoraSet(ModulePaths):
     def subset(self, prefixes: tuple[str, ...]) -> LoraSet:
         """A LoraSet with only the modules whose path starts with one of `prefixes` (e.g. B-LoRA halves)."""
         mods = {p: m for p, m in self.modules.items() if p.startswith(prefixes)}
-        return LoraSet(mods, self.family, dict(self.metadata), self.source_format, self.path)
+        return LoraSet(mods, self.family, dict(self.metadata), self.source_format, self.path, self.embeddings)
 
     def label(self) -> str:
         return str(self.path) if self.path else "LoRA"

@@ -27,7 +27,14 @@ from studio.core.adapter_config import (
 from studio.core.errors import BadFileError, StudioError
 from studio.core.io import read_header
 from studio.core.lora_checks import ModuleLayout, check_layout, check_values, scalar_alpha
-from studio.core.lora_keys import KIND_NAMES, ModulePaths, detect_lora_family, group_keys
+from studio.core.lora_keys import (
+    BUNDLE_PREFIX,
+    KIND_NAMES,
+    ModulePaths,
+    bundled_words,
+    detect_lora_family,
+    group_keys,
+)
 
 
 @dataclass
@@ -51,6 +58,7 @@ class LoraSummary(ModulePaths):
     dtypes: list[str] = field(default_factory=list)
     parameters: int = 0
     family: str | None = None
+    embeddings: dict[str, int] = field(default_factory=dict)  # bundled token embeddings: {word: vectors}
 
     @property
     def ranks(self) -> list[int]:
@@ -111,6 +119,9 @@ def _summarize(
                 cfg = config or configs.get(p.partition(".")[0])
                 alpha = cfg.alpha(p, layouts[p].rank) if cfg else None
             modules[p] = ModuleSummary(layouts[p], alpha)
+        for key in index:
+            if key.startswith(BUNDLE_PREFIX):  # bundled token embeddings: finite, like every tensor
+                check_values(key, "embedding", *values.finite_and_largest(key))
     finally:
         values.close()
     used = {k for roles in groups.modules.values() for k in roles.values()}
@@ -121,6 +132,7 @@ def _summarize(
         metadata,
         sorted({dtypes[k] for roles in groups.modules.values() for r, k in roles.items() if r != "alpha"}),
         sum(math.prod(shapes[k]) for k in used),
+        embeddings=bundled_words(shapes),
     )
 
 

@@ -32,6 +32,7 @@ from studio.core.blocks import block_of
 from studio.core.errors import BadFileError
 from studio.core.families import COMPONENTS, Family
 from studio.core.keys import canonical_path
+from studio.core.lora_embeddings import Embeddings, union
 from studio.core.lora_files import LoraSet, check_against_model, fit_to_model, read_lora
 from studio.core.modules import model_module_shapes, model_path, resolve_module
 from studio.core.peft_glue import (
@@ -43,6 +44,7 @@ from studio.core.peft_glue import (
     set_active,
 )
 from studio.generation.delta_layers import DeltaLayer
+from studio.generation.embeddings import StackWords
 
 # (resolved path, mtime in ns, size): a file that changes on disk gets a new key and is read again.
 FileKey = tuple[str, int, int]
@@ -86,6 +88,7 @@ class Adapter:
     # every layer (peft LoraLayer or DeltaLayer) holding this adapter, with the block id of its module
     layers: list[tuple[LoraLayer | DeltaLayer, str | None]] = field(default_factory=list, repr=False)
     kinds: tuple[str, ...] = ()  # LoRA, LoCon, LoHa, LoKr, DoRA ...
+    embeddings: Embeddings = field(default_factory=dict, repr=False)  # token embeddings the file bundles
 
     @property
     def path(self) -> Path:
@@ -116,6 +119,7 @@ class AdapterPool:
         self._delta_layers: dict[str, DeltaLayer] = {}  # canonical module path -> its DeltaLayer
         self._in_use: list[str] = []  # adapters of the current stack, in stack order
         self.fused_signature: tuple | None = None
+        self.words = StackWords(pipe, family)  # the stack's bundled token embeddings, loaded
 
     # ---------------------------------------------------------------------------------------------
     # loading
@@ -175,6 +179,7 @@ class AdapterPool:
             is_b_lora=lora.is_b_lora,
             layers=layers,
             kinds=tuple(lora.kinds),
+            embeddings=lora.embeddings,
         )
 
     def _delta_layer(self, path: str) -> DeltaLayer:
@@ -245,6 +250,8 @@ class AdapterPool:
                 layer.set_scale(adapter.name, float(weight) * factor)
         self._in_use = [a.name for a, _, _ in stack]
         self.set_active(self._in_use)
+        bundled = [(str(a.path), a.embeddings) for a, _, _ in stack if a.embeddings]
+        self.words.use(union(bundled), {w: label for label, e in bundled for w in e})
         if evict:
             self._evict()
 

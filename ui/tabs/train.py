@@ -159,7 +159,8 @@ def how_to_train() -> dict[str, gr.components.Component]:
     more = gr.Code(
         label="More options (TOML, any training option)",
         language=None,
-        value='# e.g.\n# conv_rank = 8\n# up_lr_weight = "cosine+0.2"\n# extra_resolutions = [768, 1024]\n',
+        value='# e.g.\n# conv_rank = 8\n# up_lr_weight = "cosine+0.2"\n# extra_resolutions = [768, 1024]\n'
+        '# token_words = ["sks"]  # learn the trigger word\'s embedding too (saved in the LoRA file)\n',
     )
     return {"steps": steps, "rank": rank, "learning_rate": learning_rate, "batch_size": batch_size,
             "resolution": resolution, "sample_prompts": sample_prompts, "sample_every": sample_every, "more": more}  # fmt: skip

@@ -44,8 +44,9 @@ def summarize(path: Path, allow_pickle: bool) -> LoraSummary:
     dtypes = sorted(
         {str(t.dtype).removeprefix("torch.") for m in lora.modules.values() for t in m.factors().values()}
     )
+    words = {w: next(iter(v.values())).shape[0] for w, v in lora.embeddings.items()}
     return LoraSummary(path, lora.source_format or "?", modules, lora.metadata, dtypes,
-                       n_parameters(lora.modules), lora.family)  # fmt: skip
+                       n_parameters(lora.modules), lora.family, words)  # fmt: skip
 
 
 def describe(lora: LoraSummary) -> dict:
@@ -74,6 +75,7 @@ def describe(lora: LoraSummary) -> dict:
         "text_encoders": text_parts,
         "size_bytes": size,
         "metadata": lora.metadata,
+        "embeddings": lora.embeddings,
     }
     if lora.is_b_lora:
         info["b_lora_parts"] = {
@@ -114,6 +116,9 @@ def print_summary(info: dict, lora: LoraSummary, show_modules: bool) -> None:
     print(f"  alpha         {', '.join(f'{a:g}' for a in info['alphas'])}")
     print(f"  unet          {'yes' if info['unet'] else 'no'}")
     print(f"  text encoder  {te}")
+    if info["embeddings"]:
+        words = ", ".join(f"{w} ({n} vector{'s' * (n != 1)})" for w, n in info["embeddings"].items())
+        print(f"  embeddings    {words}")
     blocks = ", ".join(f"{b}({n})" for b, n in info["modules_per_block"].items())
     print(f"  blocks        {blocks}")
     if info.get("b_lora_parts"):

@@ -1,0 +1,61 @@
+"""Token embeddings bundled in the stack's LoRA files, loaded into the pipeline while those LoRAs are used.
+
+A LoRA trained with its trigger word's embedding (studio.core.lora_embeddings) only works with that
+embedding: the word must stand for the trained vectors in every prompt, as A1111 does with the embeddings a
+LoRA bundles. diffusers' textual-inversion loader does the work (it adds the word to each tokenizer, its
+vectors to each text encoder, and the pipelines' encode_prompt expands a word of n vectors into n tokens);
+this keeps the loaded words equal to those of the current stack, unloading the others, so a LoRA taken out
+of the stack leaves the text encoders exactly as they were.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from studio.core.errors import StudioError
+from studio.core.lora_embeddings import Embeddings
+
+
+class StackWords:
+    """The bundled embeddings loaded into one pipeline (the current stack's)."""
+
+    def __init__(self, pipe, family: str):
+        self.pipe = pipe
+        self.encoders = [("clip_l", pipe.tokenizer, pipe.text_encoder)]
+        if family == "sdxl":
+            self.encoders.append(("clip_g", pipe.tokenizer_2, pipe.text_encoder_2))
+        self.loaded: dict[str, dict[str, torch.Tensor]] = {}  # word -> the vectors loaded for it
+
+    def use(self, embeddings: Embeddings, labels: dict[str, str]) -> None:
+        """Load exactly `embeddings` ({word: {encoder: vectors}}); `labels`: the file each word comes from."""
+        for word in [w for w, v in self.loaded.items() if embeddings.get(w) is not v]:
+            self._unload(word)
+        for word, vectors in embeddings.items():
+            if word not in self.loaded:
+                self._load(word, vectors, labels[word])
+
+    def _load(self, word: str, vectors: dict[str, torch.Tensor], label: str) -> None:
+        for encoder, tokenizer, text_encoder in self.encoders:
+            width = text_encoder.get_input_embeddings().weight.shape[1]
+            if encoder not in vectors or vectors[encoder].shape[1] != width:
+                got = tuple(vectors[encoder].shape) if encoder in vectors else "none"
+                raise StudioError(
+                    f"{label}: its embedding for {word!r} does not fit this model's text encoder ({encoder}: "
+                    f"{got}, the encoder takes {width} wide vectors); it was made for another base model"
+                )
+            if word in tokenizer.get_vocab():
+                raise StudioError(
+                    f"{label}: its embedding's word {word!r} is already a token of this model's tokenizer; "
+                    "retrain it with another trigger word"
+                )
+        for encoder, tokenizer, text_encoder in self.encoders:
+            self.pipe.load_textual_inversion(
+                vectors[encoder], token=word, tokenizer=tokenizer, text_encoder=text_encoder
+            )
+        self.loaded[word] = vectors
+
+    def _unload(self, word: str) -> None:
+        n = next(iter(self.loaded.pop(word).values())).shape[0]
+        tokens = [word] + [f"{word}_{i}" for i in range(1, n)]  # the loader's names for a word's vectors
+        for _, tokenizer, text_encoder in self.encoders:
+            self.pipe.unload_textual_inversion(tokens, tokenizer=tokenizer, text_encoder=text_encoder)

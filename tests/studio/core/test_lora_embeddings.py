@@ -1,0 +1,146 @@
+"""Token embeddings bundled in LoRA files (A1111's bundle_emb keys): read, written, inspected, loaded with
+the stack at generation, carried by merges."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merging import MergeConfig, run_merge
+from studio.core.errors import BadFileError, ConfigError, StudioError
+from studio.core.lora_files import read_lora, write_lora
+from studio.core.lora_summary import summarize_lora
+from studio.core.modules import model_module_shapes
+from studio.core.options import build_config
+from studio.generation.adapters import AdapterPool
+from tests.fixtures.lora_random import default_targets, random_lora
+
+
+def width(pipe, name="text_encoder") -> int:
+    return getattr(pipe, name).get_input_embeddings().weight.shape[1]
+
+
+def bundled(pipe, family, path, words=("sks",), seed=1, n=1):
+    """A small LoRA file bundling an embedding of n vectors for each of `words`."""
+    targets = [p for p in default_targets(model_module_shapes(pipe)) if p.endswith("to_q")]
+    lora = random_lora(pipe, family, targets=targets, seed=seed, scale=0.01)
+    g = torch.Generator().manual_seed(seed)
+    encoders = {"clip_l": "text_encoder"} | ({"clip_g": "text_encoder_2"} if family == "sdxl" else {})
+    lora.embeddings = {w: {e: torch.randn(n, width(pipe, te), generator=g) for e, te in encoders.items()}
+                       for w in words}  # fmt: skip
+    return write_lora(lora, path)
+
+
+def image(pipe, prompt):
+    g = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=2, height=64, width=64, generator=g, output_type="np").images[0]
+
+
+def test_a1111_keys_read_written_and_inspected(tiny_sd15, tiny_sdxl, tmp_path):
+    path = bundled(tiny_sd15, "sd15", tmp_path / "a.safetensors", n=2)
+    state = load_file(path)
+    assert state["bundle_emb.sks.string_to_param.*"].shape == (2, width(tiny_sd15))
+    lora = read_lora(path)
+    assert set(lora.embeddings) == {"sks"} and lora.embeddings["sks"]["clip_l"].shape[0] == 2
+    again = load_file(write_lora(lora, tmp_path / "b.safetensors"))
+    assert set(again) == set(state) and all(torch.equal(again[k], state[k]) for k in state)
+    assert summarize_lora(path).embeddings == {"sks": 2}
+    with pytest.raises(StudioError, match="kohya"):
+        write_lora(lora, tmp_path / "c.safetensors", fmt="peft")
+
+    xl = load_file(bundled(tiny_sdxl, "sdxl", tmp_path / "xl.safetensors"))
+    assert {k for k in xl if k.startswith("bundle_emb")} == {"bundle_emb.sks.clip_l", "bundle_emb.sks.clip_g"}
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("bundle_emb.sks.string_to_param.*", torch.full((1, 8), float("nan")), "NaN"),
+        ("bundle_emb.sks.clip_x", torch.zeros(1, 8), "not a bundled embedding"),
+    ],
+)
+def test_broken_bundles_are_refused_by_reader_and_inspector(tiny_sd15, tmp_path, key, value, message):
+    state = load_file(bundled(tiny_sd15, "sd15", tmp_path / "a.safetensors", words=()))
+    state[key] = value
+    save_file(state, tmp_path / "bad.safetensors")
+    for read in (read_lora, summarize_lora):
+        with pytest.raises(BadFileError, match=message):
+            read(tmp_path / "bad.safetensors")
+
+
+def test_the_stack_loads_its_words_and_leaves_the_encoder_as_it_was(fresh_sd15, tmp_path):
+    pipe, prompt = fresh_sd15, "a sks dog"
+    with_word = bundled(pipe, "sd15", tmp_path / "a.safetensors")
+    plain = tmp_path / "plain.safetensors"
+    lora = read_lora(with_word)
+    lora.embeddings = {}
+    write_lora(lora, plain)
+    vocab, base = len(pipe.tokenizer), image(pipe, prompt)
+    pool = AdapterPool(pipe, "sd15")
+
+    pool.activate([(pool.load(plain), 1.0, None)])
+    without = image(pipe, prompt)
+    pool.activate([(pool.load(with_word), 1.0, None)])
+    assert len(pipe.tokenizer) == vocab + 1
+    assert np.abs(image(pipe, prompt) - without).max() > 1e-3  # the word now stands for its vectors
+    np.testing.assert_allclose(image(pipe, "a dog"), image_with(pool, plain, pipe, "a dog"), atol=1e-6)
+
+    pool.activate([])
+    assert len(pipe.tokenizer) == vocab
+    np.testing.assert_allclose(image(pipe, prompt), base, atol=1e-6)
+
+
+def image_with(pool, path, pipe, prompt):
+    """The image with only `path` in the stack; the stack is put back to `path`'s bundled twin after."""
+    previous = [(a, 1.0, None) for a in pool.adapters if a.name in pool.stack_names]
+    pool.activate([(pool.load(path), 1.0, None)])
+    try:
+        return image(pipe, prompt)
+    finally:
+        pool.activate(previous)
+
+
+def test_a_word_the_model_has_or_another_width_is_refused(fresh_sd15, tiny_sdxl, tmp_path):
+    pool = AdapterPool(fresh_sd15, "sd15")
+    taken = bundled(fresh_sd15, "sd15", tmp_path / "taken.safetensors", words=("a",))
+    with pytest.raises(StudioError, match="already a token"):
+        pool.activate([(pool.load(taken), 1.0, None)])
+    state = load_file(bundled(fresh_sd15, "sd15", tmp_path / "a.safetensors"))
+    state["bundle_emb.sks.string_to_param.*"] = torch.zeros(1, width(fresh_sd15) + 8)
+    save_file(state, tmp_path / "wide.safetensors")
+    with pytest.raises(StudioError, match="another base model"):
+        pool.activate([(pool.load(tmp_path / "wide.safetensors"), 1.0, None)])
+
+
+def test_merges_carry_the_words_or_refuse(tiny_sd15, tmp_path):
+    a = bundled(tiny_sd15, "sd15", tmp_path / "a.safetensors", words=("sks",), seed=1)
+    b = bundled(tiny_sd15, "sd15", tmp_path / "b.safetensors", words=("zwx",), seed=2)
+    out = tmp_path / "ab.safetensors"
+    run_merge(build_config(MergeConfig, sources=[f"{a}:1.0", f"{b}:0.5"], method="concat", out=str(out)))
+    merged, sources = read_lora(out).embeddings, [read_lora(a).embeddings, read_lora(b).embeddings]
+    assert torch.equal(merged["sks"]["clip_l"], sources[0]["sks"]["clip_l"])
+    assert torch.equal(merged["zwx"]["clip_l"], sources[1]["zwx"]["clip_l"])
+
+    twin = bundled(tiny_sd15, "sd15", tmp_path / "twin.safetensors", words=("sks",), seed=3)
+    with pytest.raises(StudioError, match="both bundle"):
+        run_merge(build_config(MergeConfig, sources=[str(a), str(twin)], method="concat",
+                               out=str(tmp_path / "x.safetensors")))  # fmt: skip
+    with pytest.raises(ConfigError, match="does not use yet"):
+        run_merge(build_config(MergeConfig, sources=[str(a), str(b)], method="ziplora", prompts=["a", "b"],
+                               model=str(tmp_path), out=str(tmp_path / "z.safetensors")))  # fmt: skip
+    assert not any(tmp_path.glob("[xz].safetensors"))
+
+
+def test_sdxl_words_reach_both_text_encoders(fresh_sdxl, tmp_path):
+    pipe = fresh_sdxl
+    path = bundled(pipe, "sdxl", tmp_path / "xl.safetensors", n=2)
+    vectors = read_lora(path).embeddings["sks"]
+    sizes = len(pipe.tokenizer), len(pipe.tokenizer_2)
+    pool = AdapterPool(pipe, "sdxl")
+    pool.activate([(pool.load(path), 1.0, None)])
+    for tokenizer, encoder, part in ((pipe.tokenizer, pipe.text_encoder, "clip_l"),
+                                     (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g")):  # fmt: skip
+        ids = tokenizer.convert_tokens_to_ids(["sks", "sks_1"])
+        torch.testing.assert_close(encoder.get_input_embeddings().weight[ids], vectors[part])
+    pool.activate([])
+    assert (len(pipe.tokenizer), len(pipe.tokenizer_2)) == sizes
