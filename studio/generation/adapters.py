@@ -240,9 +240,11 @@ class AdapterPool:
     # ---------------------------------------------------------------------------------------------
     # weights and active sets
 
-    def activate(self, stack: Sequence[StackEntry], evict: bool = True) -> None:
+    def activate(self, stack: Sequence[StackEntry], evict: bool = True, words: bool = True) -> None:
         """Make exactly `stack` act, each module at weight * block weight; other adapters stop acting
-        (and, with `evict`, the least recently used beyond max_adapters leave the pipeline)."""
+        (and, with `evict`, the least recently used beyond max_adapters leave the pipeline). With `words`,
+        the token embeddings the stack's files bundle are loaded (and others unloaded); without, they stay
+        as they are (a switch of the UNet's adapters between denoising steps, after the prompts are encoded)."""
         self.unfuse()
         for adapter, weight, block_weights in stack:
             for layer, block in adapter.layers:
@@ -250,8 +252,9 @@ class AdapterPool:
                 layer.set_scale(adapter.name, float(weight) * factor)
         self._in_use = [a.name for a, _, _ in stack]
         self.set_active(self._in_use)
-        bundled = [(str(a.path), a.embeddings) for a, _, _ in stack if a.embeddings]
-        self.words.use(union(bundled), {w: label for label, e in bundled for w in e})
+        if words:
+            bundled = [(str(a.path), a.embeddings) for a, _, _ in stack if a.embeddings]
+            self.words.use(union(bundled), {w: label for label, e in bundled for w in e})
         if evict:
             self._evict()
 

@@ -288,12 +288,12 @@ class GenerationEngine:
         stacks = [stack] + [stack + ([(a, r.lora.weight, None)] if a else []) for r, a in regions]
         boxes = [r.fractions(call["width"], call["height"]) for r, _ in regions]
 
-        def activate(branch: int) -> None:
-            self.pool.activate(stacks[branch], evict=False)
+        def activate(branch: int, words: bool = False) -> None:  # the prompts' words only when encoding
+            self.pool.activate(stacks[branch], evict=False, words=words)
 
         embeds = []
         for branch, prompt in enumerate([cfg.prompt] + [r.prompt for r, _ in regions]):
-            activate(branch)
+            activate(branch, words=True)
             embeds.append(self.encode(cfg, cfg_on, prompt=prompt))
         router = RegionalSampler(
             activate, [e.unet_conditioning(cfg_on) for e in embeds], boxes, cfg.region_base,
@@ -303,7 +303,7 @@ class GenerationEngine:
             with router.installed(self.pipe.unet):
                 return _picture(self.pipe(**embeds[0].pipeline_kwargs(), **call).images[0])
         finally:
-            activate(0)
+            activate(0, words=True)
 
     @torch.no_grad()
     def encode(
