@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from records import previous_notes, record_head  # noqa: E402  (bench/ is on the path as a script)
 
 from studio.core.model_paths import resolve_model  # noqa: E402
+from studio.generation.adapters import AdapterPool  # noqa: E402
 
 TIMESTEPS = (200, 500, 800)
 
@@ -61,22 +62,21 @@ def predict(pipe, inputs) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def crosstalk(pipe, files: list[str], folders: list[str]) -> list[float]:
-    names = [f"c{i}" for i in range(len(files))]
-    for name, path in zip(names, files):
-        pipe.load_lora_weights(path, adapter_name=name)
+def crosstalk(pool: AdapterPool, files: list[str], folders: list[str]) -> list[float]:
+    """Through the studio's adapter pool, as generation runs them (token embeddings a file bundles included)."""
+    pipe = pool.pipe
+    adapters = [pool.load(path) for path in files]
     ratios = []
     for i, folder in enumerate(folders):
         inputs = noisy_inputs(pipe, Path(folder), torch.Generator().manual_seed(i))
-        pipe.disable_lora()
+        pool.activate([])
         base = predict(pipe, inputs)
-        pipe.enable_lora()
-        pipe.set_adapters([names[i]], [1.0])
+        pool.activate([(adapters[i], 1.0, None)])
         alone = predict(pipe, inputs)
-        pipe.set_adapters(names, [1.0] * len(names))
+        pool.activate([(a, 1.0, None) for a in adapters])
         summed = predict(pipe, inputs)
         ratios.append(float((summed - alone).norm() / (alone - base).norm()))
-    pipe.delete_adapters(names)
+    pool.activate([])
     return ratios
 
 
@@ -94,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 
     path, _ = resolve_model(args.model)
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+    pool = AdapterPool(pipe, "sd15")
     lines = ["| LoRAs | crosstalk on concept 1 | crosstalk on concept 2 |", "|---|---|---|"]
     for spec in args.pair:
         name, files, folders = spec.split(":")
-        ratios = crosstalk(pipe, files.split(","), folders.split(","))
+        ratios = crosstalk(pool, files.split(","), folders.split(","))
         lines.append(f"| {name} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
         print(lines[-1], flush=True)
     pairs = " ".join(f'--pair "{p}"' for p in args.pair)
