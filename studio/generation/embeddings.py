@@ -49,6 +49,11 @@ class StackWords:
                     "retrain it with another trigger word"
                 )
         for encoder, tokenizer, text_encoder in self.encoders:
+            # grown here first without transformers' mean resizing (a covariance of the whole table, and a
+            # warning, for rows the loader overwrites at once); the loader's own resize is then a no-op
+            text_encoder.resize_token_embeddings(
+                len(tokenizer) + vectors[encoder].shape[0], mean_resizing=False
+            )
             self.pipe.load_textual_inversion(
                 vectors[encoder], token=word, tokenizer=tokenizer, text_encoder=text_encoder
             )
