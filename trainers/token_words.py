@@ -15,9 +15,7 @@ import torch
 
 from studio.core.errors import ConfigError
 from studio.core.lora_embeddings import Embeddings
-from studio.core.lora_keys import parse_bundle_key
-
-ENCODER_NAMES = ("clip_l", "clip_g")  # text_encoder, text_encoder_2
+from studio.core.lora_keys import BUNDLE_ENCODERS, is_bundle_word
 
 
 class TokenWords:
@@ -27,7 +25,7 @@ class TokenWords:
         self.words = list(words)
         self.params: dict[str, torch.nn.Parameter] = {}
         self._hooks = []
-        for name, tokenizer, encoder in zip(ENCODER_NAMES, tokenizers, text_encoders):
+        for name, tokenizer, encoder in zip(BUNDLE_ENCODERS, tokenizers, text_encoders):  # clip_l, clip_g
             table = encoder.get_input_embeddings()
             with torch.no_grad():  # before the words are added: what each read as until now
                 init = torch.stack([table.weight[old_ids(tokenizer, w)].mean(0) for w in self.words])
@@ -40,7 +38,8 @@ class TokenWords:
 
     def _add_tokens(self, tokenizer, encoder) -> int:
         for word in self.words:
-            parse_bundle_key(f"bundle_emb.{word}.clip_l")  # one word, no spaces or dots
+            if not is_bundle_word(word):
+                raise ConfigError(f"token_words: {word!r} must be one word, without spaces or dots")
             if word in tokenizer.get_vocab():
                 raise ConfigError(
                     f"token_words: {word!r} is already a token of this model; choose a rarer word"

@@ -68,11 +68,16 @@ BUNDLE_ENCODERS = ("clip_l", "clip_g")
 _BUNDLE_WORD = re.compile(r"^[^\s.]+$")  # one prompt word, no dots (they separate the key's parts)
 
 
+def is_bundle_word(word: str) -> bool:
+    """True for a word a bundled embedding can stand for: one prompt word, without dots."""
+    return bool(_BUNDLE_WORD.match(word))
+
+
 def parse_bundle_key(key: str) -> tuple[str, str]:
     """(word, text encoder) of a bundled embedding's key: bundle_emb.sks.string_to_param.* -> (sks, clip_l)."""
     word, _, vector = key[len(BUNDLE_PREFIX) :].partition(".")
     encoder = "clip_l" if vector == BUNDLE_SD15_VECTOR else vector
-    if not _BUNDLE_WORD.match(word) or encoder not in BUNDLE_ENCODERS:
+    if not is_bundle_word(word) or encoder not in BUNDLE_ENCODERS:
         raise BadFileError(
             f"{key}: not a bundled embedding this studio knows (bundle_emb.<word>.clip_l, ...)"
         )
