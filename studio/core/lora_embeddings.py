@@ -78,11 +78,14 @@ def bundled_state(embeddings: Embeddings, family: str) -> dict[str, torch.Tensor
 
 
 def union(sources: list[tuple[str, Embeddings]]) -> Embeddings:
-    """The embeddings of several LoRAs together; a word two of them bundle is refused (which to keep?)."""
+    """The embeddings of several LoRAs together; a word two of them bundle with different vectors is refused
+    (which to keep?); the same vectors twice (one file used twice in a stack) are one."""
     out: Embeddings = {}
     owner: dict[str, str] = {}
     for label, embeddings in sources:
         for word, vectors in embeddings.items():
+            if word in out and _same(out[word], vectors):
+                continue
             if word in out:
                 raise StudioError(
                     f"{owner[word]} and {label} both bundle an embedding for {word!r}; use one of them, "
@@ -92,10 +95,5 @@ def union(sources: list[tuple[str, Embeddings]]) -> Embeddings:
     return out
 
 
-def describe(embeddings: Embeddings) -> str:
-    """'sks (1 vector), <s0> (2 vectors)' for inspect."""
-    parts = []
-    for word, vectors in embeddings.items():
-        n = next(iter(vectors.values())).shape[0]
-        parts.append(f"{word} ({n} vector{'s' * (n != 1)})")
-    return ", ".join(parts)
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

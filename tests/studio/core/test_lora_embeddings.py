@@ -85,6 +85,10 @@ def test_the_stack_loads_its_words_and_leaves_the_encoder_as_it_was(fresh_sd15, 
     assert np.abs(image(pipe, prompt) - without).max() > 1e-3  # the word now stands for its vectors
     np.testing.assert_allclose(image(pipe, "a dog"), image_with(pool, plain, pipe, "a dog"), atol=1e-6)
 
+    # the same file twice in a stack (a second adapter of it) bundles the same vectors: one word
+    pool.activate([(pool.load(with_word), 0.5, None), (pool.load(with_word, slot=1), 0.5, None)])
+    assert len(pipe.tokenizer) == vocab + 1
+
     pool.activate([])
     assert len(pipe.tokenizer) == vocab
     np.testing.assert_allclose(image(pipe, prompt), base, atol=1e-6)
