@@ -15,17 +15,11 @@ diffusers' textual-inversion loader's work (studio.generation.embeddings).
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from studio.core.errors import BadFileError, StudioError
 from studio.core.lora_checks import check_tensor_values
-from studio.core.lora_keys import BUNDLE_PREFIX as PREFIX
-
-SD15_VECTOR = "string_to_param.*"
-ENCODERS = ("clip_l", "clip_g")
-WORD = re.compile(r"^[^\s.]+$")  # one prompt word, no dots (they separate the key's parts)
+from studio.core.lora_keys import BUNDLE_ENCODERS, BUNDLE_PREFIX, BUNDLE_SD15_VECTOR, parse_bundle_key
 
 Embeddings = dict[str, dict[str, torch.Tensor]]
 
@@ -34,15 +28,10 @@ def split_bundled(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     """(the state without its bundled embeddings, the embeddings), checked."""
     rest, found = {}, {}
     for key, tensor in state.items():
-        if not key.startswith(PREFIX):
+        if not key.startswith(BUNDLE_PREFIX):
             rest[key] = tensor
             continue
-        word, _, vector = key[len(PREFIX) :].partition(".")
-        encoder = "clip_l" if vector == SD15_VECTOR else vector
-        if not WORD.match(word) or encoder not in ENCODERS:
-            raise BadFileError(
-                f"{key}: not a bundled embedding this studio knows (bundle_emb.<word>.clip_l, ...)"
-            )
+        word, encoder = parse_bundle_key(key)
         found.setdefault(word, {})[encoder] = _vectors(key, tensor)
     for word, vectors in found.items():
         counts = {t.shape[0] for t in vectors.values()}
@@ -66,14 +55,14 @@ def bundled_state(embeddings: Embeddings, family: str) -> dict[str, torch.Tensor
     """The keys that store `embeddings` in a LoRA file of `family` (A1111's layout)."""
     state = {}
     for word, vectors in embeddings.items():
-        wanted = ("clip_l",) if family == "sd15" else ENCODERS
+        wanted = ("clip_l",) if family == "sd15" else BUNDLE_ENCODERS
         if set(vectors) != set(wanted):
             raise StudioError(
                 f"embedding {word!r} has parts {sorted(vectors)}; a {family} LoRA needs {list(wanted)}"
             )
         for encoder, tensor in vectors.items():
-            vector = SD15_VECTOR if family == "sd15" else encoder
-            state[f"{PREFIX}{word}.{vector}"] = tensor.contiguous()
+            vector = BUNDLE_SD15_VECTOR if family == "sd15" else encoder
+            state[f"{BUNDLE_PREFIX}{word}.{vector}"] = tensor.contiguous()
     return state
 
 
