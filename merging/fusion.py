@@ -235,7 +235,12 @@ def prompt_rows(pipe, setup, which: str) -> list[torch.Tensor]:
     tokenizer = pipe.tokenizer
     ids = [
         [
-            tokenizer(p, padding="max_length", max_length=e.shape[1], truncation=True).input_ids
+            tokenizer(
+                pipe.maybe_convert_prompt(p, tokenizer),  # a bundled word of n vectors is n tokens
+                padding="max_length",
+                max_length=e.shape[1],
+                truncation=True,
+            ).input_ids  # fmt: skip
             for p in prompts
         ]
         for prompts, e in zip(setup.prompts, embeds)

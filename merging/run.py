@@ -14,6 +14,7 @@ the report as JSON under "studio_merge_report".
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from studio.core.families import FAMILY_NAMES, Family
 from studio.core.lora_embeddings import union
 from studio.core.lora_files import LoraSet
 from studio.core.modules import base_weight, model_module_shapes
+from studio.core.pipeline_words import words_loaded
 
 __all__ = [
     "MergeConfig", "MergeResult", "Merged", "merge_factors", "read_mergers", "run_merge",
@@ -74,9 +76,10 @@ def run_merge(config: MergeConfig, *, pipe=None, progress: Progress | None = Non
     loaded_here = pipe is None and bool(config.model)
     pipe = _attach_base(config, sources, family, pipe, progress)
     shapes = layouts(sources, model_module_shapes(pipe) if pipe is not None else None)
-    # 4. merge
+    # 4. merge (the methods that run the model read the sources' prompts with their bundled words)
     _emit(progress, stage=f"merging ({config.method})")
-    merged = merge_factors(config, sources, pipe, progress)
+    with _sources_words(config, sources, family, pipe, embeddings):
+        merged = merge_factors(config, sources, pipe, progress)
     lora = lora_from_factors(merged.factors, shapes, family)
     lora.embeddings = embeddings
     # 5. measure
@@ -110,16 +113,20 @@ def bundled_embeddings(config: MergeConfig, sources: list[MergeSource]) -> dict:
     if not bundled:
         return {}
     label = bundled[0][0]
-    if config.method in MODEL_METHODS:  # they run the model on the sources' prompts
-        raise ConfigError(
-            f"{label} bundles token embeddings, which {config.method} does not use yet; merge it with another "
-            "method (concat, svd, ties ...)"
-        )
     if config.into_base:
         raise ConfigError(
             f"{label} bundles token embeddings, which a checkpoint cannot hold; merge without --into-base"
         )
     return union(bundled)
+
+
+def _sources_words(config: MergeConfig, sources: list[MergeSource], family: str, pipe, embeddings: dict):
+    """While a method runs the model on the sources' prompts (ZipLoRA, fusion), their bundled words are loaded
+    into it, as generation loads them; they are unloaded after, leaving a pipeline passed in as it was."""
+    if pipe is None or not embeddings or config.method not in MODEL_METHODS:
+        return nullcontext()
+    labels = {word: s.label for s in sources for word in s.lora.embeddings}
+    return words_loaded(pipe, family, embeddings, labels)
 
 
 def _attach_base(

@@ -10,7 +10,7 @@ modules, under `bundle_emb.<word>.<vector>`:
 n is the number of vectors the word stands for in a prompt. The studio holds them as
 {word: {"clip_l": tensor, "clip_g": tensor}} (SD1.5: "clip_l" only). No library reads this part of a LoRA
 file (diffusers' LoRA loaders drop it), so it is split off here; loading the vectors into a pipeline is
-diffusers' textual-inversion loader's work (studio.generation.embeddings).
+diffusers' textual-inversion loader's work (studio.core.pipeline_words).
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ from studio.core.peft_glue import (
     per_sample_adapters,
     set_active,
 )
+from studio.core.pipeline_words import PipelineWords
 from studio.generation.delta_layers import DeltaLayer
-from studio.generation.embeddings import StackWords
 
 # (resolved path, mtime in ns, size): a file that changes on disk gets a new key and is read again.
 FileKey = tuple[str, int, int]
@@ -119,7 +119,7 @@ class AdapterPool:
         self._delta_layers: dict[str, DeltaLayer] = {}  # canonical module path -> its DeltaLayer
         self._in_use: list[str] = []  # adapters of the current stack, in stack order
         self.fused_signature: tuple | None = None
-        self.words = StackWords(pipe, family)  # the stack's bundled token embeddings, loaded
+        self.words = PipelineWords(pipe, family)  # the stack's bundled token embeddings, loaded
 
     # ---------------------------------------------------------------------------------------------
     # loading

@@ -14,6 +14,7 @@ from studio.core.modules import model_module_shapes
 from studio.core.options import build_config
 from studio.generation.adapters import AdapterPool
 from tests.fixtures.lora_random import default_targets, random_lora
+from tests.probes import unet_output as unet_output_of
 
 
 def width(pipe, name="text_encoder") -> int:
@@ -129,10 +130,50 @@ def test_merges_carry_the_words_or_refuse(tiny_sd15, tmp_path):
     with pytest.raises(StudioError, match="both bundle"):
         run_merge(build_config(MergeConfig, sources=[str(a), str(twin)], method="concat",
                                out=str(tmp_path / "x.safetensors")))  # fmt: skip
-    with pytest.raises(ConfigError, match="does not use yet"):
-        run_merge(build_config(MergeConfig, sources=[str(a), str(b)], method="ziplora", prompts=["a", "b"],
-                               model=str(tmp_path), out=str(tmp_path / "z.safetensors")))  # fmt: skip
-    assert not any(tmp_path.glob("[xz].safetensors"))
+    with pytest.raises(ConfigError, match="checkpoint cannot hold"):
+        run_merge(build_config(MergeConfig, sources=[str(a), str(b)], method="concat", model=str(tmp_path),
+                               out=str(tmp_path / "z.safetensors"), into_base=str(tmp_path / "m.safetensors")))  # fmt: skip
+    assert not any(tmp_path.glob("[xzm].safetensors"))
+
+
+MODEL_RUNS = {
+    "ziplora": {"steps": 4, "lr": 0.05, "eval_samples": 2, "similarity_weight": 0.0},  # the prompts alone steer
+    "fusion": {"fusion_samples": 2, "fast_tokens": 10_000, "fusion_text_rows": "trigger",
+               "fusion_order": "text-first"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", sorted(MODEL_RUNS))
+def test_merges_that_run_the_model_read_the_prompts_with_the_words(method, fresh_sd15, tmp_path):
+    """ZipLoRA and fusion run the model on each source's prompt: its bundled word must stand for the learnt
+    vectors there, as at generation (the same merge of the LoRAs without their words comes out otherwise),
+    and the pipeline is left as it was."""
+    pipe = fresh_sd15
+    n, rows = 2, len(pipe.tokenizer)  # words of 2 vectors: 2 tokens each in a prompt
+    paths = [bundled(pipe, "sd15", tmp_path / f"{w}.safetensors", words=(w,), seed=i, n=n)
+             for i, w in enumerate(("sks", "zwx"), start=1)]  # fmt: skip
+    bare = []
+    for path in paths:
+        lora = read_lora(path)
+        lora.embeddings = {}
+        bare.append(write_lora(lora, path.with_name(f"bare_{path.name}")))
+    values = {"method": method, "prompts": ["a sks shape", "a zwx shape"], "reference_count": 1,
+              "reference_steps": 2, "probes": 4, "model": "unused", **MODEL_RUNS[method]}  # fmt: skip
+    before = unet_output_of(pipe)
+    out = {"out": str(tmp_path / "merged.safetensors")}
+    merged = run_merge(build_config(MergeConfig, sources=[str(p) for p in paths], **values, **out), pipe=pipe)
+    merged = read_lora(merged.out)
+    assert len(pipe.tokenizer) == rows and torch.equal(unet_output_of(pipe), before)
+    assert sorted(merged.embeddings) == ["sks", "zwx"]
+    out = {"out": str(tmp_path / "without.safetensors")}
+    without = run_merge(
+        build_config(MergeConfig, sources=[str(p) for p in bare], **values, **out), pipe=pipe
+    ).lora
+    assert not without.embeddings
+    changed = [
+        p for p, m in merged.modules.items() if not torch.allclose(m.delta(), without.modules[p].delta())
+    ]
+    assert len(changed) > len(merged.modules) // 2
 
 
 def test_sdxl_words_reach_both_text_encoders(fresh_sdxl, tmp_path):

@@ -1,4 +1,5 @@
-"""Token embeddings bundled in the stack's LoRA files, loaded into the pipeline while those LoRAs are used.
+"""Token embeddings bundled in LoRA files, loaded into a pipeline while those LoRAs are used (by a
+generation stack, or by a merge that runs the model on the sources' prompts).
 
 A LoRA trained with its trigger word's embedding (studio.core.lora_embeddings) only works with that
 embedding: the word must stand for the trained vectors in every prompt, as A1111 does with the embeddings a
@@ -6,9 +7,15 @@ LoRA bundles. diffusers' textual-inversion loader does the work (it adds the wor
 vectors to each text encoder, and the pipelines' encode_prompt expands a word of n vectors into n tokens);
 this keeps the loaded words equal to those of the current stack, unloading the others, so a LoRA taken out
 of the stack leaves the text encoders exactly as they were.
+
+    >>> with words_loaded(pipe, "sd15", {"sks": vectors}, {"sks": "dog.safetensors"}):  # doctest: +SKIP
+    ...     pipe("a photo of sks")
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -16,8 +23,8 @@ from studio.core.errors import StudioError
 from studio.core.lora_embeddings import Embeddings
 
 
-class StackWords:
-    """The bundled embeddings loaded into one pipeline (the current stack's)."""
+class PipelineWords:
+    """The bundled embeddings loaded into one pipeline (a stack's, or a merge's sources')."""
 
     def __init__(self, pipe, family: str):
         self.pipe = pipe
@@ -64,3 +71,14 @@ class StackWords:
         tokens = [word] + [f"{word}_{i}" for i in range(1, n)]  # the loader's names for a word's vectors
         for _, tokenizer, text_encoder in self.encoders:
             self.pipe.unload_textual_inversion(tokens, tokenizer=tokenizer, text_encoder=text_encoder)
+
+
+@contextmanager
+def words_loaded(pipe, family: str, embeddings: Embeddings, labels: dict[str, str]) -> Iterator[None]:
+    """`embeddings` loaded into the pipeline for the block, and unloaded after it, whatever happens."""
+    words = PipelineWords(pipe, family)
+    try:
+        words.use(embeddings, labels)
+        yield
+    finally:
+        words.use({}, {})
