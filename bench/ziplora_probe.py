@@ -8,6 +8,8 @@ each result on the eval's prompts, seeds and images per line:
 - lambda 0: only the two fidelity terms, no push to keep the mergers apart;
 - the reference code's learning rate (5e-5) and the paper's (0.01, the default);
 - the LoRAs' training images as references, instead of images generated with each LoRA.
+With --token-words both LoRAs are trained learning their trigger words as token embeddings ("sks" for the
+subject, "framed" for the style), as pivotal tuning does, and the merges read the prompts with those words.
 
     python bench/ziplora_probe.py --out /tmp/zip128      # writes bench/results/ziplora_probe.md
 """
@@ -45,10 +47,13 @@ VARIANTS: dict[str, dict | None] = {
     "ZipLoRA, training images as references": {"data": True},
     "ZipLoRA, training images as references, lambda 0": {"data": True, "similarity_weight": 0.0},
 }
-# what each LoRA does to the other's prompt, which ZipLoRA's two fidelity terms ask to undo: (LoRA, prompts)
+# what each LoRA does to the other's prompt, which ZipLoRA's two fidelity terms ask to undo, and each alone
+# on the merge prompts: (LoRA, prompts)
 LEAKS = {
     "style LoRA alone, the subject's prompts (no style word)": ("style", "subject"),
     "subject LoRA alone, ZipLoRA's style prompt": ("subject", "style"),
+    "subject LoRA alone, the merge prompts": ("subject", "merge"),
+    "style LoRA alone, the merge prompts": ("style", "merge"),
 }
 METRICS = ("subject", "style", "both")
 
@@ -56,6 +61,9 @@ METRICS = ("subject", "style", "both")
 def own_options(parser) -> None:
     parser.add_argument(
         "--style-dropout", type=float, default=None, help="the style LoRA's caption dropout (the eval's: 0.1)"
+    )
+    parser.add_argument(
+        "--token-words", action="store_true", help="both LoRAs learn their trigger words' token embeddings"
     )
 
 
@@ -68,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         plan.style_caption_dropout = args.style_dropout
     ev = Evaluator(plan)
     reuse_trained_loras(ev)  # the subject and style LoRAs of an earlier run in --out
-    subject, style = ev.subject_lora(), ev.style_lora()
+    if args.token_words:  # the eval's LoRAs, each also learning its trigger word (token_lr: the default)
+        subject = ev.subject_lora(tag="_token_words", token_words=[SUBJECT["token"]])
+        style = ev.style_lora(tag="_token_words", token_words=[STYLE])
+    else:
+        subject, style = ev.subject_lora(), ev.style_lora()
     sources = [f"{subject}:1.0", f"{style}:1.0"]
     prompts = [f"a {SUBJECT['token']} shape", f"a red circle on a blue background, {STYLE} style"]
     folders = [
@@ -79,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     def leak(name: str) -> list[dict]:
         lora, asked = LEAKS[name]
         loras = [(subject if lora == "subject" else style, 1.0)]
-        prompts_of = (
-            subject_prompts(ev.plan, SUBJECT)[0] if asked == "subject" else [prompts[1]] * args.images
-        )
+        prompts_of = {
+            "subject": subject_prompts(ev.plan, SUBJECT)[0],
+            "style": [prompts[1]] * args.images,
+            "merge": subject_prompts(ev.plan, SUBJECT, STYLE)[0],
+        }[asked]
         verdict = ev.judge(ev.generate(prompts_of, loras))
         return [{"variant": name} | subject_style_metrics(verdict, SUBJECT, STYLE)]
 
@@ -112,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             "ZipLoRA of a subject and a style LoRA, by setting (SD1.5 demo model, 128 px)",
             "ziplora_probe.py",
             command_flags(args, list(VARIANTS) + list(LEAKS), results, ROOT)
-            + f" --style-dropout {args.style_dropout:g}" * (args.style_dropout is not None),
+            + f" --style-dropout {args.style_dropout:g}" * (args.style_dropout is not None)
+            + " --token-words" * args.token_words,
             f"{minutes:.1f} min. Shares of {args.images} images of the eval's merge prompts (seeds {args.seed} "
             "on) the judges read as the heart (subject), framed (style) and both.",
         ),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from studio.core.errors import ConfigError
+from studio.core.lora_keys import is_bundle_word
 from studio.core.options import check_fields, option
 
 Method = Literal["dreambooth", "style", "b_lora", "orthogonal"]
@@ -213,6 +214,11 @@ class TrainConfig:
             )
         if self.learning_rate <= 0:
             raise ConfigError(f"option learning_rate must be > 0, got {self.learning_rate}")
+        for word in self.token_words:
+            if not is_bundle_word(word):
+                raise ConfigError(f"token_words: {word!r} must be one word, without spaces or dots")
+        if len(set(self.token_words)) != len(self.token_words):
+            raise ConfigError("token_words: each word must be given once")
         if self.lr_warmup_steps > self.max_steps:
             raise ConfigError(
                 f"lr_warmup_steps ({self.lr_warmup_steps}) is more than max_steps ({self.max_steps})"

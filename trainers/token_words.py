@@ -15,7 +15,7 @@ import torch
 
 from studio.core.errors import ConfigError
 from studio.core.lora_embeddings import Embeddings
-from studio.core.lora_keys import BUNDLE_ENCODERS, is_bundle_word
+from studio.core.lora_keys import BUNDLE_ENCODERS
 
 
 class TokenWords:
@@ -37,9 +37,7 @@ class TokenWords:
             )
 
     def _add_tokens(self, tokenizer, encoder) -> int:
-        for word in self.words:
-            if not is_bundle_word(word):
-                raise ConfigError(f"token_words: {word!r} must be one word, without spaces or dots")
+        for word in self.words:  # their form is checked with the config (TrainConfig.check)
             if word in tokenizer.get_vocab():
                 raise ConfigError(
                     f"token_words: {word!r} is already a token of this model; choose a rarer word"

@@ -275,12 +275,14 @@ class Evaluator:
         name = f"{method}_{subject['shape']}" + ("_prior" if prior else "") + variant + tag
         return self.train(name, method, data, **options)
 
-    def style_lora(self) -> Path:
+    def style_lora(self, tag: str = "", **kw) -> Path:
+        """The style's LoRA; `tag` names a variant trained with other `kw`."""
         data = self.write_set(f"style_{STYLE}", self.world.style_set(STYLE, n=self.plan.style_images))
-        return self.train(
-            f"style_{STYLE}", "style", data, max_steps=self.plan.style_steps,
-            caption_dropout_rate=self.plan.style_caption_dropout,
-        )  # fmt: skip
+        options = {
+            "max_steps": self.plan.style_steps,
+            "caption_dropout_rate": self.plan.style_caption_dropout,
+        }
+        return self.train(f"style_{STYLE}{tag}", "style", data, **(options | kw))
 
     # ---------------------------------------------------------------- measurements
     def subject_row(

@@ -113,6 +113,8 @@ def train_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = Fal
         options["reg_data_dir"] = regularisation_folder(ws, values)
     if values["method"] == "b_lora":  # also write the content and style halves, for B-LoRA mixing
         options["split"] = True
+    if words := str(values.get("token_words") or "").replace(",", " ").split():
+        options["token_words"] = words
     options |= more_options(values.get("more", ""))
     return confine(ws, build_config(TrainConfig, options), allow_pickle=allow_pickle)
 

@@ -60,7 +60,7 @@ def demo_resolution(model: str, resolution):
 # the /train endpoint's parameters, in this order (scripts that call it by position keep working)
 FIELDS = ("method", "preset", "model", "dataset", "name", "prompt", "steps", "rank", "learning_rate", "batch_size",
           "resolution", "prior_preservation", "class_prompt", "reg_dataset", "more", "network", "sample_prompts",
-          "sample_every")  # fmt: skip
+          "sample_every", "token_words")  # fmt: skip
 
 
 def build(services, tabs: gr.Tabs, jobs_view: gr.Number) -> dict[str, gr.Dropdown]:
@@ -106,6 +106,12 @@ def what_to_train(datasets: list[str]) -> dict[str, gr.components.Component]:
         )
     name = gr.Textbox(label="LoRA name", value="my-lora")
     prompt = gr.Textbox(label="Instance prompt / trigger (for images without a caption)", value="a sks shape")
+    token_words = gr.Textbox(
+        label="Learn trigger words (optional)",
+        placeholder="sks",
+        info="each word's token embedding trains with the LoRA and is saved in its file (pivotal tuning)",
+        elem_id="train-token-words",
+    )
     with gr.Row():
         prior = gr.Checkbox(label="Prior preservation (DreamBooth)")
         class_prompt = gr.Textbox(label="Class prompt", value="a shape on a blue background")
@@ -125,7 +131,7 @@ def what_to_train(datasets: list[str]) -> dict[str, gr.components.Component]:
     )
     return {"method": method, "preset": preset, "model": model, "dataset": dataset, "name": name, "prompt": prompt,
             "prior_preservation": prior, "class_prompt": class_prompt, "reg_dataset": reg_dataset,
-            "network": network}  # fmt: skip
+            "network": network, "token_words": token_words}  # fmt: skip
 
 
 def how_to_train() -> dict[str, gr.components.Component]:
@@ -160,7 +166,7 @@ def how_to_train() -> dict[str, gr.components.Component]:
         label="More options (TOML, any training option)",
         language=None,
         value='# e.g.\n# conv_rank = 8\n# up_lr_weight = "cosine+0.2"\n# extra_resolutions = [768, 1024]\n'
-        '# token_words = ["sks"]  # learn the trigger word\'s embedding too (saved in the LoRA file)\n',
+        "# token_lr = 1e-3  # the rate the learnt trigger words train at\n",
     )
     return {"steps": steps, "rank": rank, "learning_rate": learning_rate, "batch_size": batch_size,
             "resolution": resolution, "sample_prompts": sample_prompts, "sample_every": sample_every, "more": more}  # fmt: skip

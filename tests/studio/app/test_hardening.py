@@ -199,3 +199,11 @@ def test_non_float_and_nan_loras_are_refused_everywhere(tiny_sd15, tmp_path):
     lora.modules[path].down = lora.modules[path].down.to(torch.int8)
     with pytest.raises(StudioError, match="int8; LoRA factors are float16"):
         read_lora(write_lora(lora, tmp_path / "int.safetensors"))
+
+
+def test_the_learnt_trigger_words_field_lists_words_and_refuses_a_bad_one(ws):
+    cfg = form_configs.train_config(ws, {**train_form(), "token_words": "sks, ohwx"})
+    assert cfg.token_words == ["sks", "ohwx"]
+    assert form_configs.train_config(ws, {**train_form(), "token_words": "  "}).token_words == []
+    with pytest.raises(ConfigError, match="one word, without spaces or dots"):
+        form_configs.train_config(ws, {**train_form(), "token_words": "sks.v2"})
