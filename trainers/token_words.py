@@ -16,6 +16,7 @@ import torch
 from studio.core.errors import ConfigError
 from studio.core.lora_embeddings import Embeddings
 from studio.core.lora_keys import BUNDLE_ENCODERS
+from studio.core.pipeline_words import add_word_tokens
 
 
 class TokenWords:
@@ -42,12 +43,7 @@ class TokenWords:
                 raise ConfigError(
                     f"token_words: {word!r} is already a token of this model; choose a rarer word"
                 )
-        start = len(tokenizer)
-        tokenizer.add_tokens(self.words)
-        if len(tokenizer) != start + len(self.words):
-            raise ConfigError("token_words: each word must be given once")
-        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        return start
+        return add_word_tokens(tokenizer, encoder, self.words)[0]
 
     @staticmethod
     def _hook(param: torch.nn.Parameter, start: int):

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from transformers import AddedToken
 
-from studio.core.errors import StudioError
+from studio.core.errors import ConfigError, StudioError
 from studio.core.lora_embeddings import Embeddings
 
 
@@ -56,21 +57,39 @@ class PipelineWords:
                     "retrain it with another trigger word"
                 )
         for encoder, tokenizer, text_encoder in self.encoders:
-            # grown here first without transformers' mean resizing (a covariance of the whole table, and a
-            # warning, for rows the loader overwrites at once); the loader's own resize is then a no-op
-            text_encoder.resize_token_embeddings(
-                len(tokenizer) + vectors[encoder].shape[0], mean_resizing=False
-            )
-            self.pipe.load_textual_inversion(
-                vectors[encoder], token=word, tokenizer=tokenizer, text_encoder=text_encoder
-            )
+            rows = vectors[encoder]
+            ids = add_word_tokens(tokenizer, text_encoder, vector_tokens(word, rows.shape[0]))
+            table = text_encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                table[ids] = rows.to(table.device, table.dtype)
         self.loaded[word] = vectors
 
     def _unload(self, word: str) -> None:
         n = next(iter(self.loaded.pop(word).values())).shape[0]
-        tokens = [word] + [f"{word}_{i}" for i in range(1, n)]  # the loader's names for a word's vectors
         for _, tokenizer, text_encoder in self.encoders:
-            self.pipe.unload_textual_inversion(tokens, tokenizer=tokenizer, text_encoder=text_encoder)
+            self.pipe.unload_textual_inversion(
+                vector_tokens(word, n), tokenizer=tokenizer, text_encoder=text_encoder
+            )
+
+
+def vector_tokens(word: str, n: int) -> list[str]:
+    """The tokens of a word of n vectors, named as diffusers' textual-inversion loader names them (the
+    pipelines' encode_prompt expands "sks" into "sks sks_1 ..." by these names)."""
+    return [word] + [f"{word}_{i}" for i in range(1, n)]
+
+
+def add_word_tokens(tokenizer, text_encoder, tokens: list[str]) -> list[int]:
+    """Add `tokens` to the tokenizer, read only as whole words, and grow the encoder's table to match; their
+    ids. Written here rather than with diffusers' textual-inversion loader because that one adds plain
+    tokens, which the tokenizer also finds inside longer words ("a man asks" would read "a man a sks");
+    A1111 reads an embedding's word only where it stands alone, and so does a single_word token."""
+    start = len(tokenizer)
+    tokenizer.add_tokens([AddedToken(token, single_word=True) for token in tokens])
+    if len(tokenizer) != start + len(tokens):
+        raise ConfigError(f"the words {', '.join(tokens)} must each be new and given once")
+    # grown without transformers' mean resizing (a covariance of the whole table, for rows set at once)
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return tokenizer.convert_tokens_to_ids(tokens)
 
 
 @contextmanager

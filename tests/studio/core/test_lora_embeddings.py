@@ -85,6 +85,17 @@ def test_the_stack_loads_its_words_and_leaves_the_encoder_as_it_was(fresh_sd15, 
     assert len(pipe.tokenizer) == vocab + 1
     assert np.abs(image(pipe, prompt) - without).max() > 1e-3  # the word now stands for its vectors
     np.testing.assert_allclose(image(pipe, "a dog"), image_with(pool, plain, pipe, "a dog"), atol=1e-6)
+    # the word only where it stands alone, as A1111 reads it: "asks" is still a word of its own
+    np.testing.assert_allclose(image(pipe, "he asks"), image_with(pool, plain, pipe, "he asks"), atol=1e-6)
+    assert pipe.tokenizer.tokenize("he asks sks, (sks)") == [
+        "he</w>",
+        "asks</w>",
+        "sks",
+        ",</w>",
+        "(</w>",
+        "sks",
+        ")</w>",
+    ]
 
     # the same file twice in a stack (a second adapter of it) bundles the same vectors: one word
     pool.activate([(pool.load(with_word), 0.5, None), (pool.load(with_word, slot=1), 0.5, None)])
