@@ -101,10 +101,6 @@ def train(cfg: TrainConfig, *, pipe=None, family: str | None = None, on_event: E
         )
         layers = add_lora(models.pipe, plan, cfg.lora_dropout, cfg.network_type, cfg.lokr_factor)
         if cfg.token_words:
-            if run.accelerator.num_processes > 1:  # their gradients are not synced across processes
-                raise ConfigError(
-                    "token_words train in one process; run without accelerate's multi-process launch"
-                )
             models.token_words = TokenWords(cfg.token_words, models.tokenizers, models.text_encoders)
         extra_meta = method.prepare_lora(cfg, layers, plan) if method.prepare_lora else {}
         data = prepare_data(cfg, parts, models, run)
@@ -324,6 +320,8 @@ def optimizer_step(cfg: TrainConfig, run: Run, models: TrainModels, data: TrainD
             )  # fmt: skip
             stop_if_not_finite(loss, step, run)
             acc.backward(loss)
+            if acc.sync_gradients and models.token_words is not None:
+                models.token_words.sync_gradients(acc)  # outside the prepared models: averaged here
             if acc.sync_gradients and cfg.max_grad_norm:
                 acc.clip_grad_norm_(list(opt.params.values()), cfg.max_grad_norm)
             opt.optimizer.step()
@@ -381,6 +379,8 @@ def save_outputs(cfg: TrainConfig, run: Run, models: TrainModels, method: Method
     layers, plan = network
     acc = run.accelerator
     acc.wait_for_everyone()
+    if models.token_words is not None:
+        models.token_words.check_same_everywhere(acc)
     path = run.out_dir / f"{cfg.output_name}.safetensors"
     files: list[Path] = []
     if acc.is_main_process:

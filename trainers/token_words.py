@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from studio.core.errors import ConfigError
+from studio.core.errors import ConfigError, StudioError
 from studio.core.lora_embeddings import Embeddings
 from studio.core.lora_keys import BUNDLE_ENCODERS
 from studio.core.pipeline_words import add_word_tokens
@@ -60,6 +60,26 @@ class TokenWords:
     def group(self, lr: float) -> dict:
         """The optimizer group of the learnt vectors."""
         return {"params": list(self.params.values()), "lr": lr, "weight_decay": 0.0}
+
+    def sync_gradients(self, accelerator) -> None:
+        """Average the vectors' gradients over the processes, as DDP does for the prepared models' (the
+        vectors live outside them); a process whose batch lacked the words adds zeros."""
+        if accelerator.num_processes == 1:
+            return
+        for param in self.params.values():
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            param.grad = accelerator.reduce(grad, reduction="mean")
+
+    def check_same_everywhere(self, accelerator) -> None:
+        """Every process must hold the same vectors before the main one saves them."""
+        if accelerator.num_processes == 1:
+            return
+        for name, param in self.params.items():
+            every = accelerator.gather(param.detach()[None])
+            if not bool((every == every[:1]).all()):
+                raise StudioError(
+                    f"{name}: the processes' learnt word vectors differ; train the words in one process"
+                )
 
     def embeddings(self) -> Embeddings:
         """{word: {"clip_l": (1, width), ...}} for the LoRA file."""
