@@ -45,6 +45,7 @@ class LibraryEntry:
     blocks: list[str] = field(default_factory=list)
     modules: int = 0
     trigger: str = ""  # the instance prompt or the most frequent caption tags
+    words: dict[str, int] = field(default_factory=dict)  # learnt trigger words it bundles: {word: vectors}
     tags: list[tuple[str, int]] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)
     samples: list[str] = field(default_factory=list)  # newest first (absolute paths)
@@ -153,6 +154,7 @@ def fill_entry(entry: LibraryEntry, summary: LoraSummary) -> None:
     entry.blocks, entry.modules = summary.blocks, len(summary.modules)
     entry.tags = top_tags(meta.get("ss_tag_frequency", ""))
     entry.trigger = meta.get("studio_instance_prompt") or ", ".join(t for t, _ in entry.tags[:5])
+    entry.words = dict(summary.embeddings)
     entry.training = training_settings(meta)
 
 

@@ -172,6 +172,7 @@ def test_a_job_is_followed_live_then_found_in_the_library(client, studio_app, wa
         steps=30,
         sample_every=10,
         sample_prompts="a sks shape\na sks shape on a green background",
+        token_words="sks",
     )
     seen_points, seen_samples = set(), set()
     while not services.jobs.get(job).finished_or_stopped:
@@ -191,6 +192,7 @@ def test_a_job_is_followed_live_then_found_in_the_library(client, studio_app, wa
     assert [r for r in rows if r[1] == lora]
     about, samples, download = client.predict(path=lora, api_name="/lora_details")
     assert "Stable Diffusion 1.5" in about and '"max_steps": 30' in about and len(samples) == 6
+    assert "**Learnt words:** `sks` (1 vector)" in about
     assert download.endswith("heart.safetensors")
     images, _ = client.predict(
         prompt="a sks shape on a blue background", loras=[lora], weights="0.8", api_name="/generate"

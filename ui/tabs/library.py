@@ -32,6 +32,11 @@ def details(services, path: str):
     ]
     if entry.trigger:
         lines.append(f"**Trigger / prompt:** {entry.trigger}")
+    if entry.words:
+        vectors = ", ".join(f"`{w}` ({n} vector{'s' * (n > 1)})" for w, n in entry.words.items())
+        lines.append(
+            f"**Learnt words:** {vectors}: bundled in the file, they work where the prompt says them"
+        )
     if entry.tags:
         lines.append("**Caption tags:** " + ", ".join(f"{t} ({n})" for t, n in entry.tags))
     if entry.training:
