@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             "ZipLoRA of a subject and a style LoRA, by setting (SD1.5 demo model, 128 px)",
             "ziplora_probe.py",
             command_flags(args, list(VARIANTS) + list(LEAKS), results, ROOT)
-            + f" --style-dropout {args.style_dropout:g}" * (args.style_dropout is not None)
+            + (f" --style-dropout {args.style_dropout:g}" if args.style_dropout is not None else "")
             + " --token-words" * args.token_words,
             f"{minutes:.1f} min. Shares of {args.images} images of the eval's merge prompts (seeds {args.seed} "
             "on) the judges read as the heart (subject), framed (style) and both.",
