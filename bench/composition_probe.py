@@ -7,6 +7,10 @@ prompts, seeds and LoRAs: Switch's tau (the paper's default 5, the eval's 2, and
 batched and sequential (the reference's K separate calls), and the merge with each LoRA at 1/K, which is
 what averaging K predictions amounts to when the LoRAs' effects add up linearly.
 
+With --token-words the subject and style LoRAs are those that learnt their trigger words ("sks", "framed") as
+token embeddings (ziplora_probe.py --token-words trains them); the background's word, "gold", is a token the
+model has, so its LoRA stays as it is.
+
     python bench/composition_probe.py --out /tmp/compose     # writes bench/results/composition_probe.md
 """
 
@@ -32,6 +36,7 @@ from records import (  # noqa: E402  (bench/ is on the path as a script)
 
 from studio.app.eval_many import WorldEvaluator  # noqa: E402
 from studio.app.evaluate import EvalPlan  # noqa: E402
+from studio.demo.concepts import STYLE, SUBJECT  # noqa: E402
 
 # (generation options, stack order: s = subject, t = style, b = background, the LoRAs' weight)
 VARIANTS: dict[str, tuple[dict, str, float]] = {
@@ -60,13 +65,24 @@ VARIANTS: dict[str, tuple[dict, str, float]] = {
 METRICS = ("subject", "style", "background", "both")
 
 
+def own_options(parser) -> None:
+    parser.add_argument(
+        "--token-words", action="store_true", help="subject and style LoRAs that learnt their trigger words"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     results = ROOT / "bench/results/composition_probe.md"
-    args = variant_args(__doc__, list(VARIANTS), results, argv, sep="|")
+    args = variant_args(__doc__, list(VARIANTS), results, argv, sep="|", more=own_options)
     torch.set_num_threads(args.threads)
     ev = WorldEvaluator(EvalPlan(out=args.out, images=args.images, seed=args.seed, image_size=128))
     reuse_trained_loras(ev)  # the subject and style LoRAs of an earlier run in --out
-    loras = {"s": ev.subject_lora(), "t": ev.style_lora(), "b": ev.background_lora()}
+    if args.token_words:
+        subject = ev.subject_lora(tag="_token_words", token_words=[SUBJECT["token"]])
+        style = ev.style_lora(tag="_token_words", token_words=[STYLE])
+    else:
+        subject, style = ev.subject_lora(), ev.style_lora()
+    loras = {"s": subject, "t": style, "b": ev.background_lora()}
 
     def line(name: str) -> list[dict]:
         options, order, weight = VARIANTS[name]
@@ -78,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         *record_head(
             "Composition of three LoRAs in one picture: merge, switch and composite settings (SD1.5, 128 px)",
             "composition_probe.py",
-            command_flags(args, list(VARIANTS), results, ROOT),
+            command_flags(args, list(VARIANTS), results, ROOT) + " --token-words" * args.token_words,
             f'{minutes:.1f} min. Shares of {args.images} images of "a sks shape on a gold background, framed '
             f'style" (seeds {args.seed} on) the judges read as the heart (subject), framed (style), on orange '
             "(background) and all three (both).",
