@@ -61,6 +61,7 @@ VARIANTS: dict[str, tuple[dict, str, float]] = {
         1.0,
     ),
     "background + subject: composite": ({"mode": "composite"}, "bs", 1.0),
+    "subject + style: merge": ({"mode": "merge"}, "st", 1.0),
 }
 METRICS = ("subject", "style", "background", "both")
 
