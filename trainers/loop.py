@@ -102,6 +102,9 @@ def train(cfg: TrainConfig, *, pipe=None, family: str | None = None, on_event: E
         layers = add_lora(models.pipe, plan, cfg.lora_dropout, cfg.network_type, cfg.lokr_factor)
         if cfg.token_words:
             models.token_words = TokenWords(cfg.token_words, models.tokenizers, models.text_encoders)
+            models.token_words.check_in_captions(
+                [ex.caption for part in parts for ex in part.dataset.examples]
+            )
         extra_meta = method.prepare_lora(cfg, layers, plan) if method.prepare_lora else {}
         data = prepare_data(cfg, parts, models, run)
         opt = build_optimizer(cfg, run, models, layers, plan)

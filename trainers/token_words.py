@@ -26,6 +26,7 @@ class TokenWords:
         self.words = list(words)
         self.params: dict[str, torch.nn.Parameter] = {}
         self._hooks = []
+        self._tokenizer = tokenizers[0]
         for name, tokenizer, encoder in zip(BUNDLE_ENCODERS, tokenizers, text_encoders):  # clip_l, clip_g
             table = encoder.get_input_embeddings()
             with torch.no_grad():  # before the words are added: what each read as until now
@@ -60,6 +61,17 @@ class TokenWords:
     def group(self, lr: float) -> dict:
         """The optimizer group of the learnt vectors."""
         return {"params": list(self.params.values()), "lr": lr, "weight_decay": 0.0}
+
+    def check_in_captions(self, captions: list[str]) -> None:
+        """Refuse a word no caption says (as a word of its own): its vectors would never train."""
+        ids = self._tokenizer.convert_tokens_to_ids(self.words)
+        read = {i for c in set(captions) for i in self._tokenizer(c, truncation=True).input_ids}
+        missing = [w for w, i in zip(self.words, ids) if i not in read]
+        if missing:
+            raise ConfigError(
+                f"token_words: {', '.join(map(repr, missing))} is in none of the captions (nor the instance "
+                "prompt, which stands for a missing caption); put the word in them, or leave it out of token_words"
+            )
 
     def sync_gradients(self, accelerator) -> None:
         """Average the vectors' gradients over the processes, as DDP does for the prepared models' (the

@@ -58,3 +58,9 @@ def test_resume_learns_the_same_vectors(tmp_path, images):
 def test_a_word_the_tokenizer_has_is_refused(tmp_path, images):
     with pytest.raises(ConfigError, match="already a token"):
         _train(tmp_path, images, "run", token_words=["dog"], max_steps=1, checkpoint_every=0)
+
+
+def test_a_word_no_caption_says_is_refused(tmp_path, images):
+    """Its vectors would never train: "sks" inside "asks" is not the word."""
+    with pytest.raises(ConfigError, match="'sks' is in none of the captions"):
+        _train(tmp_path, images, "run", prompt="a dog asks", max_steps=1, checkpoint_every=0)
