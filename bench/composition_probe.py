@@ -9,7 +9,7 @@ what averaging K predictions amounts to when the LoRAs' effects add up linearly.
 
 With --token-words the subject and style LoRAs are those that learnt their trigger words ("sks", "framed") as
 token embeddings (ziplora_probe.py --token-words trains them); the background's word, "gold", is a token the
-model has, so its LoRA stays as it is.
+model has, so its LoRA stays as it is, unless --background-word names a rare word for it to learn instead.
 
     python bench/composition_probe.py --out /tmp/compose     # writes bench/results/composition_probe.md
 """
@@ -36,7 +36,7 @@ from records import (  # noqa: E402  (bench/ is on the path as a script)
 
 from studio.app.eval_many import WorldEvaluator  # noqa: E402
 from studio.app.evaluate import EvalPlan  # noqa: E402
-from studio.demo.concepts import STYLE, SUBJECT  # noqa: E402
+from studio.demo.concepts import BACKGROUND, STYLE, SUBJECT  # noqa: E402
 
 # (generation options, stack order: s = subject, t = style, b = background, the LoRAs' weight)
 VARIANTS: dict[str, tuple[dict, str, float]] = {
@@ -70,6 +70,11 @@ def own_options(parser) -> None:
     parser.add_argument(
         "--token-words", action="store_true", help="subject and style LoRAs that learnt their trigger words"
     )
+    parser.add_argument(
+        "--background-word",
+        default=BACKGROUND["word"],
+        help="the background LoRA's word (the eval's: gold); another one is learnt too with --token-words",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,11 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         style = ev.style_lora(tag="_token_words", token_words=[STYLE])
     else:
         subject, style = ev.subject_lora(), ev.style_lora()
-    loras = {"s": subject, "t": style, "b": ev.background_lora()}
+    word = args.background_word
+    if args.token_words and word != BACKGROUND["word"]:
+        background = ev.background_lora(word, tag="_token_words", token_words=[word])
+    else:
+        background = ev.background_lora(word)
+    loras = {"s": subject, "t": style, "b": background}
 
     def line(name: str) -> list[dict]:
         options, order, weight = VARIANTS[name]
-        row = ev.scene_row(name, [(loras[c], weight) for c in order], **options)
+        row = ev.scene_row(name, [(loras[c], weight) for c in order], background=word, **options)
         return [{"variant": name} | {m: row.metrics[m] for m in METRICS}]
 
     record, names, minutes = run_variants(args, line)
@@ -95,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         *record_head(
             "Composition of three LoRAs in one picture: merge, switch and composite settings (SD1.5, 128 px)",
             "composition_probe.py",
-            command_flags(args, list(VARIANTS), results, ROOT) + " --token-words" * args.token_words,
-            f'{minutes:.1f} min. Shares of {args.images} images of "a sks shape on a gold background, framed '
+            command_flags(args, list(VARIANTS), results, ROOT)
+            + " --token-words" * args.token_words
+            + (f" --background-word {word}" if word != BACKGROUND["word"] else ""),
+            f'{minutes:.1f} min. Shares of {args.images} images of "a sks shape on a {word} background, framed '
             f'style" (seeds {args.seed} on) the judges read as the heart (subject), framed (style), on orange '
             "(background) and all three (both).",
         ),

@@ -42,19 +42,23 @@ class WorldEvaluator(Evaluator):
     """Every row of the demo world (studio/app/evaluate.py) and the several-concept ones."""
 
     # ---------------------------------------------------------------- LoRAs
-    def background_lora(self) -> Path:
-        """A background LoRA: plain scenes on one colour, captioned "on a gold background"."""
+    def background_lora(self, word: str = BACKGROUND["word"], tag: str = "", **kw) -> Path:
+        """A background LoRA: plain scenes on one colour, captioned "on a gold background" (or `word`); `tag`
+        names a variant trained with other `kw`."""
         rng = random.Random("background:0")
         world = self.plan.singles
         colours = tuple(c for c in world.colours if c != BACKGROUND["colour"])
         specs = [world.random_spec(rng, world.base_shapes, world.base_styles, colours, (BACKGROUND["colour"],))
                  for _ in range(self.plan.style_images)]  # fmt: skip
-        word = f"on a {BACKGROUND['word']} background"
-        samples = [Sample(world.render(s), world.caption(s).replace(f"on a {s.background} background", word), s)
+        said = f"on a {word} background"
+        samples = [Sample(world.render(s), world.caption(s).replace(f"on a {s.background} background", said), s)
                    for s in specs]  # fmt: skip
-        data = self.write_set(f"background_{BACKGROUND['word']}", samples)
-        return self.train(f"background_{BACKGROUND['word']}", "style", data, max_steps=self.plan.style_steps,
-                          caption_dropout_rate=self.plan.style_caption_dropout)  # fmt: skip
+        data = self.write_set(f"background_{word}", samples)
+        options = {
+            "max_steps": self.plan.style_steps,
+            "caption_dropout_rate": self.plan.style_caption_dropout,
+        }
+        return self.train(f"background_{word}{tag}", "style", data, **(options | kw))
 
     # ---------------------------------------------------------------- two subjects side by side
     def pair_prompts(
@@ -144,9 +148,9 @@ class WorldEvaluator(Evaluator):
                                           SUBJECT_2, STYLE, with_background, **mode))  # fmt: skip
         return rows
 
-    def scene_row(self, case: str, loras, **extra) -> Row:
+    def scene_row(self, case: str, loras, background: str = BACKGROUND["word"], **extra) -> Row:
         """One shape: the subject, in the style, on the background LoRA's word; "both" = all three."""
-        word = f"on a {BACKGROUND['word']} background"
+        word = f"on a {background} background"
         images = self.generate([f"a {SUBJECT['token']} shape {word}, {STYLE} style"] * self.plan.images,
                                loras, **extra)  # fmt: skip
         verdict = self.judge(images)
