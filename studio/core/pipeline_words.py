@@ -3,10 +3,11 @@ generation stack, or by a merge that runs the model on the sources' prompts).
 
 A LoRA trained with its trigger word's embedding (studio.core.lora_embeddings) only works with that
 embedding: the word must stand for the trained vectors in every prompt, as A1111 does with the embeddings a
-LoRA bundles. diffusers' textual-inversion loader does the work (it adds the word to each tokenizer, its
-vectors to each text encoder, and the pipelines' encode_prompt expands a word of n vectors into n tokens);
-this keeps the loaded words equal to those of the current stack, unloading the others, so a LoRA taken out
-of the stack leaves the text encoders exactly as they were.
+LoRA bundles. Each word is added to every tokenizer as a whole-word token (add_word_tokens), its vectors to
+every text encoder's table, named as diffusers' textual-inversion loader names them, so the pipelines'
+encode_prompt expands a word of n vectors into n tokens and diffusers' unloader takes them out again. This
+keeps the loaded words equal to those of the current stack, unloading the others, so a LoRA taken out of the
+stack leaves the text encoders exactly as they were.
 
     >>> with words_loaded(pipe, "sd15", {"sks": vectors}, {"sks": "dog.safetensors"}):  # doctest: +SKIP
     ...     pipe("a photo of sks")
