@@ -81,6 +81,22 @@ class _Entry:
     block_weights: dict[str, float] | None
 
 
+def unsaid_words(cfg: GenerateConfig, entries: list[_Entry]) -> tuple[str, ...]:
+    """A hint for each trigger word a LoRA of the stack learnt (bundled embeddings) that no prompt says as a
+    word of its own: the LoRA was trained to work with it, and the word is only read where it stands alone."""
+    prompts = [cfg.prompt, *(r.prompt for r in cfg.regions)]
+    out = []
+    for entry in entries:
+        for word in entry.adapter.embeddings:
+            alone = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
+            if not any(alone.search(p) for p in prompts):
+                out.append(
+                    f"{entry.spec.path.name} learnt the trigger word {word!r}, which the prompt does not say; "
+                    "put it in the prompt to get what the LoRA learnt"
+                )
+    return tuple(out)
+
+
 def studio_version() -> str:
     try:
         return metadata.version("lora-studio")
@@ -133,7 +149,7 @@ class GenerationEngine:
         self.pipe.scheduler = make_sampler(cfg.scheduler, self._scheduler_config)
         width, height = cfg.width or self.native_size(), cfg.height or self.native_size()
         first_seed = cfg.seed if cfg.seed >= 0 else random.SystemRandom().randrange(2**32)
-        notes = self.notes(cfg, width, height)
+        notes = self.notes(cfg, width, height) + unsaid_words(cfg, entries)
         # 3. one image per seed
         results = []
         for i in range(cfg.batch_count):

@@ -200,3 +200,20 @@ def test_sdxl_words_reach_both_text_encoders(fresh_sdxl, tmp_path):
         torch.testing.assert_close(encoder.get_input_embeddings().weight[ids], vectors[part])
     pool.activate([])
     assert (len(pipe.tokenizer), len(pipe.tokenizer_2)) == sizes
+
+
+def test_generation_notes_a_learnt_word_the_prompt_does_not_say(fresh_sd15, tmp_path):
+    from studio.generation.config import GenerateConfig, LoraSpec
+    from studio.generation.engine import GenerationEngine
+
+    engine = GenerationEngine(fresh_sd15, "sd15")
+    path = bundled(fresh_sd15, "sd15", tmp_path / "dog.safetensors")
+
+    def notes(prompt):
+        cfg = GenerateConfig(prompt=prompt, loras=[LoraSpec(path)], steps=1, width=64, height=64, seed=1)
+        return engine.generate(cfg)[0].notes
+
+    assert notes("a photo of sks, on grass") == ()
+    for prompt in ("a photo of a dog", "he asks"):  # "asks" does not say the word "sks"
+        (note,) = notes(prompt)
+        assert note.startswith("dog.safetensors learnt the trigger word 'sks', which the prompt does not say")
