@@ -13,7 +13,8 @@ LoRA files already in <out>/work/loras (from an earlier run of this bench) are r
 in the 128 px world; `--layers` and `--lora-steps` train the two subject LoRAs on other modules (e.g. only
 the cross-attention's keys and values, `attn2.to_k,attn2.to_v`, as Custom Diffusion does: their inputs are
 the prompt's embeddings, which differ between the two concepts) or for other steps; `--text-encoder` trains
-them on the text encoder too (bench/results/fusion_probe_te128.md).
+them on the text encoder too (bench/results/fusion_probe_te128.md); `--token-words` lets each learn its
+trigger word's embedding (Mix-of-Show's ED-LoRA learns its concept's tokens too), which fusion then reads.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def subject_loras(ev: Evaluator, training: dict) -> tuple[list[Path], list[Path]
     training folders."""
     files, folders = [], []
     tag = "".join(f"_{k}_{'-'.join(v) if isinstance(v, list) else v}" for k, v in training.items())
+    learn_words = training.pop("token_words", False)
     for subject in SUBJECTS:
         samples = ev.world.dreambooth_set(
             n=ev.plan.train_images, shape=subject["shape"], colour=subject["colour"], token=subject["token"]
@@ -142,7 +144,8 @@ def subject_loras(ev: Evaluator, training: dict) -> tuple[list[Path], list[Path]
         existing = ev.work / "loras" / f"{name}.safetensors"
         if existing.is_file():
             ev.loras[name] = existing
-        files.append(ev.subject_lora(subject, tag=tag, **training))
+        words = {"token_words": [subject["token"]]} if learn_words else {}
+        files.append(ev.subject_lora(subject, tag=tag, **training, **words))
     return files, folders
 
 
@@ -191,6 +194,11 @@ def own_options(parser) -> None:
         "--text-encoder", action="store_true", help="the subject LoRAs also train the text encoder"
     )
     parser.add_argument("--subjects", type=int, default=2, choices=(2, 4), help="subjects fused together")
+    parser.add_argument(
+        "--token-words",
+        action="store_true",
+        help="each subject LoRA also learns its trigger word's embedding",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     training = {"layers": args.layers.split(",")} if args.layers else {}
     training |= {"max_steps": args.lora_steps} if args.lora_steps else {}
     training |= {"train_text_encoder": True} if args.text_encoder else {}
+    training |= {"token_words": True} if args.token_words else {}
     files, folders = subject_loras(ev, training)
 
     def line(name: str) -> list[dict]:
@@ -218,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     flags += (
         f" --lora-steps {args.lora_steps}" * bool(args.lora_steps) + " --text-encoder" * args.text_encoder
     )
-    flags += f" --subjects {args.subjects}" * (args.subjects != 2)
+    flags += f" --subjects {args.subjects}" * (args.subjects != 2) + " --token-words" * args.token_words
     lines = [
         *record_head(
             f"Gradient fusion: which recorded inputs keep each concept (SD1.5 demo model, {args.world} px)",
