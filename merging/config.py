@@ -112,8 +112,9 @@ class MergeConfig:
     reference_captions: bool = option(
         False,
         "ziplora, fusion: each reference image is seen with its caption file (name.txt) instead of the "
-        "source's prompt (fusion with UNet-only LoRAs: favours the stronger concept, fusion_probe_128.md; with "
-        "LoRAs that train the text encoder it keeps both best, fusion_probe_te128.md)",
+        "source's prompt (fusion with plain UNet LoRAs: favours the stronger concept, fusion_probe_128.md; with "
+        "LoRAs that learnt their trigger words or train the text encoder it keeps both best, "
+        "fusion_probe_tw128.md, fusion_probe_te128.md; preset merge_fusion_subjects)",
     )
     steps: int = option(100, "ziplora: merger optimisation steps (paper: 100)", min=0, max=100_000)
     lr: float = option(0.01, "ziplora: Adam learning rate of the mergers (paper: 0.01)")

@@ -228,3 +228,14 @@ def _env():
     import os
 
     return dict(os.environ)
+
+
+def test_every_merge_preset_is_a_valid_merge():
+    from merging.config import MergeConfig
+    from studio.core.options import build_config, load_preset, preset_names
+
+    assert {"ties", "ziplora", "fusion_subjects"} <= set(preset_names("merge"))
+    given = {"sources": ["a.safetensors", "b.safetensors"], "out": "m.safetensors", "model": "base",
+             "prompts": ["a sks dog", "a zwx cat"]}  # fmt: skip
+    for name in preset_names("merge"):
+        build_config(MergeConfig, load_preset(name, "merge") | given).check()
