@@ -139,7 +139,8 @@ def merge_config(ws: Workspace, values: dict[str, Any], allow_pickle: bool = Fal
         raise ConfigError("choose at least two LoRAs to merge")
     weights = parse_weights(values.get("weights", ""), len(sources))
     name = ws.check_name(values["name"], "output name")
-    options = {
+    options = load_preset(values["preset"], "merge") if values.get("preset") else {}
+    options |= {
         "sources": [f"{ws.resolve(s)}:{w}" for s, w in zip(sources, weights)],
         "method": values["method"],
         "out": str(ws.loras / f"{name}.safetensors"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import gradio as gr
 import pytest
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
@@ -354,3 +355,12 @@ def test_the_train_form_follows_the_demo_model_picked():
     assert sdxl_for_b_lora("b_lora", "demo:sd15") == "demo:sdxl"
     assert sdxl_for_b_lora("style", "demo:sd15") == "demo:sd15"
     assert sdxl_for_b_lora("b_lora", "models/mine.safetensors") == "models/mine.safetensors"
+
+
+def test_a_merge_preset_fills_the_method_density_and_rank():
+    from ui.tabs.merge import preset_fields
+
+    assert preset_fields("ties") == ("ties", 0.5, 32)
+    method, density, rank = preset_fields("fusion_subjects")
+    assert method == "fusion" and density == rank == gr.update()
+    assert preset_fields("") == (gr.update(),) * 3

@@ -112,6 +112,18 @@ def test_merge_more_options_reach_the_merge_and_stay_in_the_workspace(ws, tiny_s
         form_configs.merge_config(ws, {**form, "more": 'fusion_order = "sideways"'})
 
 
+def test_a_merge_preset_applies_under_the_form(ws, tiny_sd15):
+    lora = write_lora(random_lora(tiny_sd15, "sd15"), ws.loras / "a.safetensors")
+    form = {"sources": [str(lora), str(lora)], "method": "fusion", "name": "m", "density": 0.5,
+            "model": "demo:sd15", "prompts": "a sks shape | a zwx shape", "preset": "fusion_subjects"}  # fmt: skip
+    cfg = form_configs.merge_config(ws, form)
+    assert (cfg.fusion_ridge, cfg.reference_captions, cfg.fusion_order) == (0.01, True, "text-first")
+    cfg = form_configs.merge_config(ws, {**form, "more": "fusion_ridge = 0.1"})  # the form's own options win
+    assert cfg.fusion_ridge == 0.1
+    with pytest.raises(ConfigError, match="preset"):
+        form_configs.merge_config(ws, {**form, "preset": "nonesuch"})
+
+
 class Boom:
     """A pickle that would create a file when unpickled, if its code ran."""
 
