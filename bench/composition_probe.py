@@ -30,13 +30,14 @@ from records import (  # noqa: E402  (bench/ is on the path as a script)
     record_head,
     reuse_trained_loras,
     run_variants,
+    subject_and_style,
     variant_args,
     write_variant_results,
 )
 
 from studio.app.eval_many import WorldEvaluator  # noqa: E402
 from studio.app.evaluate import EvalPlan  # noqa: E402
-from studio.demo.concepts import BACKGROUND, STYLE, SUBJECT  # noqa: E402
+from studio.demo.concepts import BACKGROUND  # noqa: E402
 
 # (generation options, stack order: s = subject, t = style, b = background, the LoRAs' weight)
 VARIANTS: dict[str, tuple[dict, str, float]] = {
@@ -83,11 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     ev = WorldEvaluator(EvalPlan(out=args.out, images=args.images, seed=args.seed, image_size=128))
     reuse_trained_loras(ev)  # the subject and style LoRAs of an earlier run in --out
-    if args.token_words:
-        subject = ev.subject_lora(tag="_token_words", token_words=[SUBJECT["token"]])
-        style = ev.style_lora(tag="_token_words", token_words=[STYLE])
-    else:
-        subject, style = ev.subject_lora(), ev.style_lora()
+    subject, style = subject_and_style(ev, args.token_words)
     word = args.background_word
     if args.token_words and word != BACKGROUND["word"]:
         background = ev.background_lora(word, tag="_token_words", token_words=[word])

@@ -128,3 +128,16 @@ def metric_table(record: list[dict], names: list[str], metrics: tuple[str, ...])
         cells = next(r for r in record if r["variant"] == name)
         lines.append(f"| {name} | " + " | ".join(f"{cells[m]:.2f}" for m in metrics) + " |")
     return lines
+
+
+def subject_and_style(ev, learn_words: bool) -> tuple[Path, Path]:
+    """The eval's subject and style LoRAs; with `learn_words`, the ones that also learnt their trigger words
+    ("sks", "framed") as token embeddings (token_lr: the default)."""
+    if not learn_words:
+        return ev.subject_lora(), ev.style_lora()
+    from studio.demo.concepts import STYLE, SUBJECT
+
+    return (
+        ev.subject_lora(tag="_token_words", token_words=[SUBJECT["token"]]),
+        ev.style_lora(tag="_token_words", token_words=[STYLE]),
+    )

@@ -30,6 +30,7 @@ from records import (  # noqa: E402  (bench/ is on the path as a script)
     record_head,
     reuse_trained_loras,
     run_variants,
+    subject_and_style,
     variant_args,
     write_variant_results,
 )
@@ -76,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.style_caption_dropout = args.style_dropout
     ev = Evaluator(plan)
     reuse_trained_loras(ev)  # the subject and style LoRAs of an earlier run in --out
-    if args.token_words:  # the eval's LoRAs, each also learning its trigger word (token_lr: the default)
-        subject = ev.subject_lora(tag="_token_words", token_words=[SUBJECT["token"]])
-        style = ev.style_lora(tag="_token_words", token_words=[STYLE])
-    else:
-        subject, style = ev.subject_lora(), ev.style_lora()
+    subject, style = subject_and_style(ev, args.token_words)
     sources = [f"{subject}:1.0", f"{style}:1.0"]
     prompts = [f"a {SUBJECT['token']} shape", f"a red circle on a blue background, {STYLE} style"]
     folders = [
