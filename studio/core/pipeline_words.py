@@ -4,10 +4,10 @@ generation stack, or by a merge that runs the model on the sources' prompts).
 A LoRA trained with its trigger word's embedding (studio.core.lora_embeddings) only works with that
 embedding: the word must stand for the trained vectors in every prompt, as A1111 does with the embeddings a
 LoRA bundles. Each word is added to every tokenizer as a whole-word token (add_word_tokens), its vectors to
-every text encoder's table, named as diffusers' textual-inversion loader names them, so the pipelines'
-encode_prompt expands a word of n vectors into n tokens and diffusers' unloader takes them out again. This
-keeps the loaded words equal to those of the current stack, unloading the others, so a LoRA taken out of the
-stack leaves the text encoders exactly as they were.
+every text encoder's table, named as diffusers' textual-inversion loader names them, so diffusers' unloader
+takes them out again. While words are loaded, the pipelines' encode_prompt writes a word of n vectors as its
+n tokens where the tokenizer reads the word (expand_words). This keeps the loaded words equal to those of the
+current stack, unloading the others, so a LoRA taken out of the stack leaves the pipeline as it was.
 
     >>> with words_loaded(pipe, "sd15", {"sks": vectors}, {"sks": "dog.safetensors"}):  # doctest: +SKIP
     ...     pipe("a photo of sks")
@@ -15,6 +15,7 @@ stack leaves the text encoders exactly as they were.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -42,6 +43,17 @@ class PipelineWords:
         for word, vectors in embeddings.items():
             if word not in self.loaded:
                 self._load(word, vectors, labels[word])
+        # diffusers' own expansion (TextualInversionLoaderMixin._maybe_convert_prompt) replaces the word inside
+        # longer words too ("asks" -> "asks sks_1") and misses it in capitals, which the tokenizer reads as the
+        # word; the pipeline's encode_prompt calls it through the instance, so ours stands in while words load
+        if self.loaded:
+            self.pipe._maybe_convert_prompt = self.expand
+        else:
+            self.pipe.__dict__.pop("_maybe_convert_prompt", None)
+
+    def expand(self, prompt: str, tokenizer=None) -> str:
+        """`prompt` with each loaded word of n vectors written as its n tokens, where the word stands alone."""
+        return expand_words(prompt, {w: next(iter(v.values())).shape[0] for w, v in self.loaded.items()})
 
     def _load(self, word: str, vectors: dict[str, torch.Tensor], label: str) -> None:
         for encoder, tokenizer, text_encoder in self.encoders:
@@ -71,6 +83,18 @@ class PipelineWords:
             self.pipe.unload_textual_inversion(
                 vector_tokens(word, n), tokenizer=tokenizer, text_encoder=text_encoder
             )
+
+
+def expand_words(prompt: str, words: dict[str, int]) -> str:
+    """Each of `words` ({word: vectors}) written as its tokens ("sks" -> "sks sks_1") wherever it stands
+    alone, in any case: where a whole-word token matches (not inside "asks", nor in "sks_1" itself)."""
+    for word, n in words.items():
+        if n > 1:
+            tokens = " ".join(vector_tokens(word, n))
+            prompt = re.sub(
+                rf"(?<!\w){re.escape(word)}(?!\w)", lambda _, t=tokens: t, prompt, flags=re.IGNORECASE
+            )
+    return prompt
 
 
 def vector_tokens(word: str, n: int) -> list[str]:

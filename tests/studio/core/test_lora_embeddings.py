@@ -198,8 +198,28 @@ def test_sdxl_words_reach_both_text_encoders(fresh_sdxl, tmp_path):
                                      (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g")):  # fmt: skip
         ids = tokenizer.convert_tokens_to_ids(["sks", "sks_1"])
         torch.testing.assert_close(encoder.get_input_embeddings().weight[ids], vectors[part])
+        # each prompt is expanded for each tokenizer: both read the word's two tokens
+        said = tokenizer.tokenize(pipe.maybe_convert_prompt("a Sks dog", tokenizer))
+        assert said[1:4] == ["sks", "sks_1", tokenizer.tokenize("dog")[0]]
     pool.activate([])
     assert (len(pipe.tokenizer), len(pipe.tokenizer_2)) == sizes
+    assert "_maybe_convert_prompt" not in vars(pipe)
+
+
+def test_a_word_of_several_vectors_is_expanded_only_where_it_stands_alone(fresh_sd15, tmp_path):
+    """A word of two vectors is written as its two tokens where the tokenizer reads the word, in any case,
+    and nowhere else: diffusers' own expansion also expands it inside "asks" ("asks sks_1")."""
+    pipe = fresh_sd15
+    with_word = bundled(pipe, "sd15", tmp_path / "a.safetensors", n=2)
+    lora = read_lora(with_word)
+    lora.embeddings = {}
+    plain = write_lora(lora, tmp_path / "plain.safetensors")
+    pool = AdapterPool(pipe, "sd15")
+    pool.activate([(pool.load(with_word), 1.0, None)])
+    said = pipe.tokenizer.tokenize(pipe.maybe_convert_prompt("he asks; A SKS dog", pipe.tokenizer))
+    assert said == ["he</w>", "asks</w>", ";</w>", "a</w>", "sks", "sks_1", "dog</w>"]
+    np.testing.assert_allclose(image(pipe, "a SKS dog"), image(pipe, "a sks dog"), atol=1e-6)
+    np.testing.assert_allclose(image(pipe, "he asks"), image_with(pool, plain, pipe, "he asks"), atol=1e-6)
 
 
 def test_generation_notes_a_learnt_word_the_prompt_does_not_say(fresh_sd15, tmp_path):
