@@ -130,14 +130,24 @@ def metric_table(record: list[dict], names: list[str], metrics: tuple[str, ...])
     return lines
 
 
-def subject_and_style(ev, learn_words: bool) -> tuple[Path, Path]:
+def subject_and_style(ev, learn_words: bool, style_reg: bool = False) -> tuple[Path, Path]:
     """The eval's subject and style LoRAs; with `learn_words`, the ones that also learnt their trigger words
-    ("sks", "framed") as token embeddings (token_lr: the default)."""
-    if not learn_words:
-        return ev.subject_lora(), ev.style_lora()
+    ("sks", "framed") as token embeddings (token_lr: the default); with `style_reg`, a style LoRA trained
+    with a regularisation set (`regularisation_set`), so it learns the style where its word is said."""
     from studio.demo.concepts import STYLE, SUBJECT
 
-    return (
-        ev.subject_lora(tag="_token_words", token_words=[SUBJECT["token"]]),
-        ev.style_lora(tag="_token_words", token_words=[STYLE]),
-    )
+    subject = ev.subject_lora(tag="_token_words", token_words=[SUBJECT["token"]]) if learn_words else None
+    style_kw = {"token_words": [STYLE]} if learn_words else {}
+    tag = "_token_words" * learn_words
+    if style_reg:
+        style_kw["reg_data_dir"] = str(regularisation_set(ev))
+        tag += "_reg"
+    return subject or ev.subject_lora(), ev.style_lora(tag=tag, **style_kw)
+
+
+REG_SEED = 4242  # world scenes other than the style set's; the eval's prompts come from seed 5000
+
+
+def regularisation_set(ev) -> Path:
+    """Plain world scenes with their captions, as many as the style set has (none in a held-out style)."""
+    return ev.write_set("reg_world", ev.world.scene_set(ev.plan.style_images, seed=REG_SEED))

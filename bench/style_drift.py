@@ -34,7 +34,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from records import cpu_name, variant_args, with_kept_variants, write_variant_results  # noqa: E402  (bench/ is on the path as a script)
+from records import (  # noqa: E402  (bench/ is on the path as a script)
+    cpu_name,
+    regularisation_set,
+    variant_args,
+    with_kept_variants,
+    write_variant_results,
+)
 
 from studio.app.evaluate import EvalPlan, Evaluator, world_prompts  # noqa: E402
 from studio.demo.concepts import STYLE  # noqa: E402
@@ -54,7 +60,6 @@ VARIANTS: dict[str, dict] = {
     "baseline seed 1": {"seed": 1},
     "dropout 0.1 seed 1": {"caption_dropout_rate": 0.1, "seed": 1},
 }
-REG_SEED = 4242  # world scenes other than the style set's; the eval's prompts come from seed 5000
 
 
 def both_share(ev: Evaluator, images, style: str) -> float:
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = EvalPlan(out=args.out, images=args.images)
     ev = Evaluator(plan)
     data = ev.write_set(f"style_{STYLE}", WORLD.style_set(STYLE, n=plan.style_images))
-    reg = ev.write_set("reg_world", WORLD.scene_set(plan.style_images, seed=REG_SEED))
+    reg = regularisation_set(ev)
     rows = [("no LoRA", ev.world_row("style", "no LoRA", [], style=STYLE), 0.0)]
     for name in args.names:
         options = {k: (str(reg) if v == "REG" else v) for k, v in VARIANTS[name].items()}

@@ -66,6 +66,11 @@ def own_options(parser) -> None:
     parser.add_argument(
         "--token-words", action="store_true", help="both LoRAs learn their trigger words' token embeddings"
     )
+    parser.add_argument(
+        "--style-reg",
+        action="store_true",
+        help="the style LoRA trains with a regularisation set (plain world scenes with their captions)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.style_caption_dropout = args.style_dropout
     ev = Evaluator(plan)
     reuse_trained_loras(ev)  # the subject and style LoRAs of an earlier run in --out
-    subject, style = subject_and_style(ev, args.token_words)
+    subject, style = subject_and_style(ev, args.token_words, args.style_reg)
     sources = [f"{subject}:1.0", f"{style}:1.0"]
     prompts = [f"a {SUBJECT['token']} shape", f"a red circle on a blue background, {STYLE} style"]
     folders = [
@@ -124,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             "ziplora_probe.py",
             command_flags(args, list(VARIANTS) + list(LEAKS), results, ROOT)
             + (f" --style-dropout {args.style_dropout:g}" if args.style_dropout is not None else "")
-            + " --token-words" * args.token_words,
+            + " --token-words" * args.token_words
+            + " --style-reg" * args.style_reg,
             f"{minutes:.1f} min. Shares of {args.images} images of the eval's merge prompts (seeds {args.seed} "
             "on) the judges read as the heart (subject), framed (style) and both.",
         ),
