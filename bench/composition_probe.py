@@ -1,8 +1,9 @@
 """LoRA Switch and LoRA Composite against the merge, three LoRAs in one picture (the 128 px demo world).
 
 The eval's K = 3 scene (bench/results/eval_sd15_128.md: a subject, a style and a background LoRA, "a sks
-shape on a gold background, framed style") keeps everything in 0.29 of the merged images and in none of the
-switched or composited ones. This bench measures the schedule and mode settings one at a time on the same
+shape on a gold background, framed style") keeps everything in every merged image and in none of the
+switched or composited ones (with the background drawn orange, as it was, the merge too lost the frame,
+drawn in the heart's red: --background-colour orange). This bench measures the schedule and mode settings one at a time on the same
 prompts, seeds and LoRAs: Switch's tau (the paper's default 5, the eval's 2, and 1) and its order, Composite
 batched and sequential (the reference's K separate calls), and the merge with each LoRA at 1/K, which is
 what averaging K predictions amounts to when the LoRAs' effects add up linearly.
@@ -10,6 +11,8 @@ what averaging K predictions amounts to when the LoRAs' effects add up linearly.
 With --token-words the subject and style LoRAs are those that learnt their trigger words ("sks", "framed") as
 token embeddings (ziplora_probe.py --token-words trains them); the background's word, "gold", is a token the
 model has, so its LoRA stays as it is, unless --background-word names a rare word for it to learn instead.
+With --reg the style and background LoRAs train with a regularisation set (plain world scenes with their
+captions), so each learns its concept where its word is said and stays near the base model elsewhere.
 
     python bench/composition_probe.py --out /tmp/compose     # writes bench/results/composition_probe.md
 """
@@ -28,6 +31,7 @@ from records import (  # noqa: E402  (bench/ is on the path as a script)
     command_flags,
     metric_table,
     record_head,
+    regularisation_set,
     reuse_trained_loras,
     run_variants,
     subject_and_style,
@@ -76,6 +80,16 @@ def own_options(parser) -> None:
         default=BACKGROUND["word"],
         help="the background LoRA's word (the eval's: gold); another one is learnt too with --token-words",
     )
+    parser.add_argument(
+        "--background-colour",
+        default=BACKGROUND["colour"],
+        help="the colour the background LoRA learns for its word (the eval's: blue; orange before, next to red)",
+    )
+    parser.add_argument(
+        "--reg",
+        action="store_true",
+        help="the style and background LoRAs train with a regularisation set (plain world scenes, captioned)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,17 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     ev = WorldEvaluator(EvalPlan(out=args.out, images=args.images, seed=args.seed, image_size=128))
     reuse_trained_loras(ev)  # the subject and style LoRAs of an earlier run in --out
-    subject, style = subject_and_style(ev, args.token_words)
-    word = args.background_word
+    subject, style = subject_and_style(ev, args.token_words, args.reg)
+    word, kw, tag = args.background_word, {}, ""
     if args.token_words and word != BACKGROUND["word"]:
-        background = ev.background_lora(word, tag="_token_words", token_words=[word])
-    else:
-        background = ev.background_lora(word)
+        kw, tag = {"token_words": [word]}, "_token_words"
+    if args.reg:
+        kw, tag = kw | {"reg_data_dir": str(regularisation_set(ev))}, tag + "_reg"
+    colour = args.background_colour
+    background = ev.background_lora(word, tag=tag, colour=colour, **kw)
     loras = {"s": subject, "t": style, "b": background}
 
     def line(name: str) -> list[dict]:
         options, order, weight = VARIANTS[name]
-        row = ev.scene_row(name, [(loras[c], weight) for c in order], background=word, **options)
+        row = ev.scene_row(
+            name, [(loras[c], weight) for c in order], background=word, colour=colour, **options
+        )
         return [{"variant": name} | {m: row.metrics[m] for m in METRICS}]
 
     record, names, minutes = run_variants(args, line)
@@ -104,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             "composition_probe.py",
             command_flags(args, list(VARIANTS), results, ROOT)
             + " --token-words" * args.token_words
-            + (f" --background-word {word}" if word != BACKGROUND["word"] else ""),
+            + (f" --background-word {word}" if word != BACKGROUND["word"] else "")
+            + (f" --background-colour {colour}" if colour != BACKGROUND["colour"] else "")
+            + " --reg" * args.reg,
             f'{minutes:.1f} min. Shares of {args.images} images of "a sks shape on a {word} background, framed '
-            f'style" (seeds {args.seed} on) the judges read as the heart (subject), framed (style), on orange '
+            f'style" (seeds {args.seed} on) the judges read as the heart (subject), framed (style), on {colour} '
             "(background) and all three (both).",
         ),
         *metric_table(record, names, METRICS),

@@ -42,23 +42,26 @@ class WorldEvaluator(Evaluator):
     """Every row of the demo world (studio/app/evaluate.py) and the several-concept ones."""
 
     # ---------------------------------------------------------------- LoRAs
-    def background_lora(self, word: str = BACKGROUND["word"], tag: str = "", **kw) -> Path:
-        """A background LoRA: plain scenes on one colour, captioned "on a gold background" (or `word`); `tag`
-        names a variant trained with other `kw`."""
+    def background_lora(
+        self, word: str = BACKGROUND["word"], tag: str = "", colour: str = BACKGROUND["colour"], **kw
+    ) -> Path:
+        """A background LoRA: plain scenes on one colour (blue, or `colour`), captioned "on a gold
+        background" (or `word`); `tag` names a variant trained with other `kw`."""
         rng = random.Random("background:0")
         world = self.plan.singles
-        colours = tuple(c for c in world.colours if c != BACKGROUND["colour"])
-        specs = [world.random_spec(rng, world.base_shapes, world.base_styles, colours, (BACKGROUND["colour"],))
+        colours = tuple(c for c in world.colours if c != colour)
+        specs = [world.random_spec(rng, world.base_shapes, world.base_styles, colours, (colour,))
                  for _ in range(self.plan.style_images)]  # fmt: skip
         said = f"on a {word} background"
         samples = [Sample(world.render(s), world.caption(s).replace(f"on a {s.background} background", said), s)
                    for s in specs]  # fmt: skip
-        data = self.write_set(f"background_{word}", samples)
+        name = f"background_{word}_{colour}"
+        data = self.write_set(name, samples)
         options = {
             "max_steps": self.plan.style_steps,
             "caption_dropout_rate": self.plan.style_caption_dropout,
         }
-        return self.train(f"background_{word}{tag}", "style", data, **(options | kw))
+        return self.train(f"{name}{tag}", "style", data, **(options | kw))
 
     # ---------------------------------------------------------------- two subjects side by side
     def pair_prompts(
@@ -148,8 +151,16 @@ class WorldEvaluator(Evaluator):
                                           SUBJECT_2, STYLE, with_background, **mode))  # fmt: skip
         return rows
 
-    def scene_row(self, case: str, loras, background: str = BACKGROUND["word"], **extra) -> Row:
-        """One shape: the subject, in the style, on the background LoRA's word; "both" = all three."""
+    def scene_row(
+        self,
+        case: str,
+        loras,
+        background: str = BACKGROUND["word"],
+        colour: str = BACKGROUND["colour"],
+        **extra,
+    ) -> Row:
+        """One shape: the subject, in the style, on the background LoRA's word (drawn `colour`); "both" = all
+        three."""
         word = f"on a {background} background"
         images = self.generate([f"a {SUBJECT['token']} shape {word}, {STYLE} style"] * self.plan.images,
                                loras, **extra)  # fmt: skip
@@ -157,7 +168,7 @@ class WorldEvaluator(Evaluator):
         hits = {
             "subject": [v == SUBJECT["shape"] for v in verdict["shape"]],
             "style": [v == STYLE for v in verdict["style"]],
-            "background": [v == BACKGROUND["colour"] for v in verdict["background"]],
+            "background": [v == colour for v in verdict["background"]],
         }
         return Row("composition", case, shares(hits, hits), images)
 

@@ -14,5 +14,7 @@ SUBJECTS_4 = (SUBJECT, SUBJECT_2, SUBJECT_3, SUBJECT_4)
 # A held-out style LoRAs can learn here; the striped / dotted / pixel textures stay out of their reach at 8x8
 # latents (measured: bench/results/eval_sd15.md notes).
 STYLE = "framed"
-# A background LoRA (ComposLoRA's fourth kind of element): "on a gold background" drawn orange.
-BACKGROUND = {"word": "gold", "colour": "orange"}
+# A background LoRA (ComposLoRA's fourth kind of element): "on a gold background" drawn blue. The frame is
+# drawn in the subject's red; on orange it came out partial and faint, and was judged in a third of the
+# merged pictures (bench/results/composition_probe_blue.md: all three 0.38 on orange, 1.00 on blue).
+BACKGROUND = {"word": "gold", "colour": "blue"}
