@@ -3,10 +3,10 @@
 The eval's K = 3 scene (bench/results/eval_sd15_128.md: a subject, a style and a background LoRA, "a sks
 shape on a gold background, framed style") keeps everything in every merged image and in none of the
 switched or composited ones (with the background drawn orange, as it was, the merge too lost the frame,
-drawn in the heart's red: --background-colour orange). This bench measures the schedule and mode settings one at a time on the same
-prompts, seeds and LoRAs: Switch's tau (the paper's default 5, the eval's 2, and 1) and its order, Composite
-batched and sequential (the reference's K separate calls), and the merge with each LoRA at 1/K, which is
-what averaging K predictions amounts to when the LoRAs' effects add up linearly.
+drawn in the heart's red: --background-colour orange). This bench measures the schedule and mode settings
+one at a time on the same prompts, seeds and LoRAs: Switch's tau (the paper's default 5, the eval's 2, and
+1) and its order, Composite batched and sequential (the reference's K separate calls), and the merge with
+each LoRA at 1/K, which is what averaging K predictions amounts to when the LoRAs' effects add up linearly.
 
 With --token-words the subject and style LoRAs are those that learnt their trigger words ("sks", "framed") as
 token embeddings (ziplora_probe.py --token-words trains them); the background's word, "gold", is a token the
