@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     ev = WorldEvaluator(EvalPlan(out=args.out, images=args.images, seed=args.seed, image_size=128))
     reuse_trained_loras(ev)  # the subject and style LoRAs of an earlier run in --out
-    subject, style = subject_and_style(ev, args.token_words, args.reg)
+    subject, style = subject_and_style(ev, args.token_words, "reg" * args.reg)
     word, kw, tag = args.background_word, {}, ""
     if args.token_words and word != BACKGROUND["word"]:
         kw, tag = {"token_words": [word]}, "_token_words"

@@ -130,18 +130,20 @@ def metric_table(record: list[dict], names: list[str], metrics: tuple[str, ...])
     return lines
 
 
-def subject_and_style(ev, learn_words: bool, style_reg: bool = False) -> tuple[Path, Path]:
+def subject_and_style(ev, learn_words: bool, style_reg: str = "") -> tuple[Path, Path]:
     """The eval's subject and style LoRAs; with `learn_words`, the ones that also learnt their trigger words
-    ("sks", "framed") as token embeddings (token_lr: the default); with `style_reg`, a style LoRA trained
-    with a regularisation set (`regularisation_set`), so it learns the style where its word is said."""
+    ("sks", "framed") as token embeddings (token_lr: the default); with `style_reg` "reg", a style LoRA
+    trained with a regularisation set (`regularisation_set`), with "contrast" one trained with its own
+    scenes unframed (`contrast_set`), so that it learns the style where its word is said."""
     from studio.demo.concepts import STYLE, SUBJECT
 
     subject = ev.subject_lora(tag="_token_words", token_words=[SUBJECT["token"]]) if learn_words else None
     style_kw = {"token_words": [STYLE]} if learn_words else {}
     tag = "_token_words" * learn_words
     if style_reg:
-        style_kw["reg_data_dir"] = str(regularisation_set(ev))
-        tag += "_reg"
+        sets = {"reg": regularisation_set, "contrast": contrast_set}
+        style_kw["reg_data_dir"] = str(sets[style_reg](ev))
+        tag += f"_{style_reg}"
     return subject or ev.subject_lora(), ev.style_lora(tag=tag, **style_kw)
 
 
@@ -151,3 +153,18 @@ REG_SEED = 4242  # world scenes other than the style set's; the eval's prompts c
 def regularisation_set(ev) -> Path:
     """Plain world scenes with their captions, as many as the style set has (none in a held-out style)."""
     return ev.write_set("reg_world", ev.world.scene_set(ev.plan.style_images, seed=REG_SEED))
+
+
+def contrast_set(ev) -> Path:
+    """The style set's own scenes drawn flat, captioned without the style: pictures that differ from the
+    style set's in the style alone."""
+    from dataclasses import replace
+
+    from studio.demo.concepts import STYLE
+    from studio.demo.world import Sample
+
+    world, plain = ev.world, []
+    for sample in world.style_set(STYLE, n=ev.plan.style_images):
+        spec = replace(sample.spec, style="flat")
+        plain.append(Sample(world.render(spec), world.caption(spec), spec))
+    return ev.write_set(f"contrast_{STYLE}", plain)

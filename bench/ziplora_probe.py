@@ -68,8 +68,12 @@ def own_options(parser) -> None:
     )
     parser.add_argument(
         "--style-reg",
-        action="store_true",
-        help="the style LoRA trains with a regularisation set (plain world scenes with their captions)",
+        nargs="?",
+        const="reg",
+        choices=("reg", "contrast"),
+        default="",
+        help="the style LoRA trains with a regularisation set: plain world scenes with their captions (reg), "
+        "or the style set's own scenes unframed (contrast)",
     )
 
 
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             command_flags(args, list(VARIANTS) + list(LEAKS), results, ROOT)
             + (f" --style-dropout {args.style_dropout:g}" if args.style_dropout is not None else "")
             + " --token-words" * args.token_words
-            + " --style-reg" * args.style_reg,
+            + {"": "", "reg": " --style-reg", "contrast": " --style-reg contrast"}[args.style_reg],
             f"{minutes:.1f} min. Shares of {args.images} images of the eval's merge prompts (seeds {args.seed} "
             "on) the judges read as the heart (subject), framed (style) and both.",
         ),
