@@ -42,6 +42,7 @@ from records import (  # noqa: E402  (bench/ is on the path as a script)
 from studio.app.eval_many import WorldEvaluator  # noqa: E402
 from studio.app.evaluate import EvalPlan  # noqa: E402
 from studio.demo.concepts import BACKGROUND  # noqa: E402
+from studio.demo.world import COLOURS  # noqa: E402
 
 # (generation options, stack order: s = subject, t = style, b = background, the LoRAs' weight)
 VARIANTS: dict[str, tuple[dict, str, float]] = {
@@ -83,6 +84,7 @@ def own_options(parser) -> None:
     parser.add_argument(
         "--background-colour",
         default=BACKGROUND["colour"],
+        choices=COLOURS,
         help="the colour the background LoRA learns for its word (the eval's: blue; orange before, next to red)",
     )
     parser.add_argument(

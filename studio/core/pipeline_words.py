@@ -85,15 +85,18 @@ class PipelineWords:
             )
 
 
+def word_alone(word: str) -> re.Pattern:
+    """Where the tokenizers read a bundled word: standing alone, in any case (not inside "asks", nor in
+    "sks_1"), as a whole-word token (add_word_tokens) matches."""
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
+
+
 def expand_words(prompt: str, words: dict[str, int]) -> str:
-    """Each of `words` ({word: vectors}) written as its tokens ("sks" -> "sks sks_1") wherever it stands
-    alone, in any case: where a whole-word token matches (not inside "asks", nor in "sks_1" itself)."""
+    """Each of `words` ({word: vectors}) written as its tokens ("sks" -> "sks sks_1") where it stands alone."""
     for word, n in words.items():
         if n > 1:
             tokens = " ".join(vector_tokens(word, n))
-            prompt = re.sub(
-                rf"(?<!\w){re.escape(word)}(?!\w)", lambda _, t=tokens: t, prompt, flags=re.IGNORECASE
-            )
+            prompt = word_alone(word).sub(lambda _, t=tokens: t, prompt)
     return prompt
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from studio.core.blocks import format_block_weights, parse_block_weights
 from studio.core.errors import BadFileError, ConfigError, StudioError
 from studio.core.families import TEXT_ENCODERS, Family
+from studio.core.pipeline_words import word_alone
 from studio.core.samplers import make_sampler, scheduler_name
 from studio.generation.adapters import Adapter, AdapterPool, file_key
 from studio.generation.composition import Conditioning, LoraComposite, LoraSwitch, RegionalSampler
@@ -88,7 +89,7 @@ def unsaid_words(cfg: GenerateConfig, entries: list[_Entry]) -> tuple[str, ...]:
     out = []
     for entry in entries:
         for word in entry.adapter.embeddings:
-            alone = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
+            alone = word_alone(word)
             if not any(alone.search(p) for p in prompts):
                 out.append(
                     f"{entry.spec.path.name} learnt the trigger word {word!r}, which the prompt does not say; "
