@@ -130,21 +130,25 @@ def metric_table(record: list[dict], names: list[str], metrics: tuple[str, ...])
     return lines
 
 
-def subject_and_style(ev, learn_words: bool, style_reg: str = "") -> tuple[Path, Path]:
+def subject_and_style(
+    ev, learn_words: bool, style_reg: str = "", subject_prior: bool = False
+) -> tuple[Path, Path]:
     """The eval's subject and style LoRAs; with `learn_words`, the ones that also learnt their trigger words
     ("sks", "framed") as token embeddings (token_lr: the default); with `style_reg` "reg", a style LoRA
     trained with a regularisation set (`regularisation_set`), with "contrast" one trained with its own
-    scenes unframed (`contrast_set`), so that it learns the style where its word is said."""
+    scenes unframed (`contrast_set`), so that it learns the style where its word is said; with
+    `subject_prior`, a subject LoRA trained with prior preservation."""
     from studio.demo.concepts import STYLE, SUBJECT
 
-    subject = ev.subject_lora(tag="_token_words", token_words=[SUBJECT["token"]]) if learn_words else None
+    words = {"tag": "_token_words", "token_words": [SUBJECT["token"]]} if learn_words else {}
+    subject = ev.subject_lora(prior=subject_prior, **words)
     style_kw = {"token_words": [STYLE]} if learn_words else {}
     tag = "_token_words" * learn_words
     if style_reg:
         sets = {"reg": regularisation_set, "contrast": contrast_set}
         style_kw["reg_data_dir"] = str(sets[style_reg](ev))
         tag += f"_{style_reg}"
-    return subject or ev.subject_lora(), ev.style_lora(tag=tag, **style_kw)
+    return subject, ev.style_lora(tag=tag, **style_kw)
 
 
 REG_SEED = 4242  # world scenes other than the style set's; the eval's prompts come from seed 5000

@@ -7,15 +7,25 @@ each result on the eval's prompts, seeds and images per line:
 - 0 steps: the mergers as they start; must judge as the exact sum (a check of the saved file);
 - lambda 0: only the two fidelity terms, no push to keep the mergers apart;
 - the reference code's learning rate (5e-5) and the paper's (0.01, the default);
-- the LoRAs' training images as references, instead of images generated with each LoRA.
-With --token-words both LoRAs are trained learning their trigger words as token embeddings ("sks" for the
-subject, "framed" for the style), as pivotal tuning does, and the merges read the prompts with those words.
+- the LoRAs' training images as references, instead of images generated with each LoRA;
+- lambda 1e-3 and 1e-4: the similarity term at 10 and 100 times less weight. With this world's noise
+  predictions the reconstruction term starts near 0.01 while lambda 0.01 times the similarity summed over
+  192 layers starts near 2, so the paper's lambda lets the similarity term lead.
+For every ZipLoRA line a second table says what the fit did: its reconstruction term on a fixed batch
+(plain sum -> ZipLoRA), lambda x similarity at the first and last step, each LoRA's whole-model error on its
+own prompt (plain sum -> ZipLoRA; 0 keeps the LoRA's effect, 1 is as far from it as no LoRA), and the mean
+merger of each LoRA with the share of its columns switched off.
+With --subject-prior the subject LoRA trains with prior preservation (the eval's class images), so that it
+changes the model less on prompts without its word. With --token-words both LoRAs are trained learning
+their trigger words as token embeddings ("sks" for the subject, "framed" for the style), as pivotal tuning
+does, and the merges read the prompts with those words.
 
     python bench/ziplora_probe.py --out /tmp/zip128      # writes bench/results/ziplora_probe.md
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -47,6 +57,8 @@ VARIANTS: dict[str, dict | None] = {
     "ZipLoRA, lr 5e-5 (the reference code's)": {"lr": 5e-5},
     "ZipLoRA, training images as references": {"data": True},
     "ZipLoRA, training images as references, lambda 0": {"data": True, "similarity_weight": 0.0},
+    "ZipLoRA, lambda 1e-3": {"similarity_weight": 1e-3},
+    "ZipLoRA, lambda 1e-4": {"similarity_weight": 1e-4},
 }
 # what each LoRA does to the other's prompt, which ZipLoRA's two fidelity terms ask to undo, and each alone
 # on the merge prompts: (LoRA, prompts)
@@ -65,6 +77,9 @@ def own_options(parser) -> None:
     )
     parser.add_argument(
         "--token-words", action="store_true", help="both LoRAs learn their trigger words' token embeddings"
+    )
+    parser.add_argument(
+        "--subject-prior", action="store_true", help="the subject LoRA trains with prior preservation"
     )
     parser.add_argument(
         "--style-reg",
@@ -86,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.style_caption_dropout = args.style_dropout
     ev = Evaluator(plan)
     reuse_trained_loras(ev)  # the subject and style LoRAs of an earlier run in --out
-    subject, style = subject_and_style(ev, args.token_words, args.style_reg)
+    subject, style = subject_and_style(ev, args.token_words, args.style_reg, args.subject_prior)
     sources = [f"{subject}:1.0", f"{style}:1.0"]
     prompts = [f"a {SUBJECT['token']} shape", f"a red circle on a blue background, {STYLE} style"]
     folders = [
@@ -124,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             } | options
             merged = ev.merge(slug, "ziplora", sources, **options)
         row = ev.subject_row("merge", name, [(merged, 1.0)], style=STYLE)
-        return [{"variant": name} | {m: row.metrics[m] for m in METRICS}]
+        fit = {"fit": fit_summary(merged)} if options is not None else {}
+        return [{"variant": name} | {m: row.metrics[m] for m in METRICS} | fit]
 
     record, names, minutes = run_variants(args, line)
     lines = [
@@ -133,15 +149,61 @@ def main(argv: list[str] | None = None) -> int:
             "ziplora_probe.py",
             command_flags(args, list(VARIANTS) + list(LEAKS), results, ROOT)
             + (f" --style-dropout {args.style_dropout:g}" if args.style_dropout is not None else "")
+            + " --subject-prior" * args.subject_prior
             + " --token-words" * args.token_words
             + {"": "", "reg": " --style-reg", "contrast": " --style-reg contrast"}[args.style_reg],
             f"{minutes:.1f} min. Shares of {args.images} images of the eval's merge prompts (seeds {args.seed} "
             "on) the judges read as the heart (subject), framed (style) and both.",
         ),
         *metric_table(record, names, METRICS),
+        *fit_table(record, names),
     ]
     write_variant_results(args, lines, record)
     return 0
+
+
+def fit_summary(merged: Path) -> dict:
+    """What a ZipLoRA fit did, from the merged file's report: the reconstruction term on the fit's fixed
+    evaluation batch (plain sum, ZipLoRA), lambda x similarity at the first and last step, each LoRA's
+    whole-model error on its own prompt (plain sum, ZipLoRA) and its mergers (mean, share off)."""
+    from merging.output import MERGERS_KEY, REPORT_KEY
+    from studio.core.io import read_header
+
+    meta = read_header(merged)[1]
+    fit = json.loads(meta[REPORT_KEY])["details"]["ziplora"]
+    mergers = json.loads(meta[f"{MERGERS_KEY}_summary"])
+    history = fit["history"] or [{"reconstruction": 0.0, "loss": 0.0}]
+    first, last = history[0], history[-1]
+    return {
+        "reconstruction": list(fit["objective"].values()),
+        "similarity_term": [first["loss"] - first["reconstruction"], last["loss"] - last["reconstruction"]],
+        "model_error": [list(e.values()) for e in fit["model_error"].values()],
+        "mergers": [[m["mean"], m["off"]] for m in mergers.values()],
+    }
+
+
+def fit_table(record: list[dict], names: list[str]) -> list[str]:
+    """The fit of each ZipLoRA line (subject first, style second in every pair)."""
+    fits = [(n, r["fit"]) for n in names for r in record if r["variant"] == n and "fit" in r]
+    if not fits:
+        return []
+    lines = [
+        "",
+        "What each fit did (plain sum or first step -> ZipLoRA or last step; subject / style):",
+        "",
+        "| variant | reconstruction (fixed batch) | lambda x similarity | error on own prompt, sum -> ZipLoRA "
+        "| mean merger | mergers off (< 0.1) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, f in fits:
+        errors = " / ".join(f"{a:.2f} -> {b:.2f}" for a, b in f["model_error"])
+        lines.append(
+            f"| {name} | {f['reconstruction'][0]:.4f} -> {f['reconstruction'][1]:.4f} "
+            f"| {f['similarity_term'][0]:.3g} -> {f['similarity_term'][1]:.3g} | {errors} "
+            f"| {' / '.join(f'{m:.2f}' for m, _ in f['mergers'])} "
+            f"| {' / '.join(f'{o:.2f}' for _, o in f['mergers'])} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -203,7 +203,8 @@ def merge_factors(
         if pipe is None:
             raise StudioError(f"method {method} runs the base model: give it with --model")
         outcome = ziplora_merge(sources, pipe, config, fast=method == "ziplora-fast", progress=progress)
-        return Merged(outcome.factors, {"ziplora": outcome.info}, [], outcome.recorded, outcome.mergers)
+        details = {"ziplora": outcome.info}
+        return Merged(outcome.factors, details, outcome.warnings, outcome.recorded, outcome.mergers)
     raise StudioError(f"unknown merge method {method!r}")
 
 

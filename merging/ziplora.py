@@ -92,6 +92,7 @@ class ZipOutcome:
     mergers: dict[str, dict[str, torch.Tensor]]
     info: dict = field(default_factory=dict)
     recorded: dict[str, dict[int, torch.Tensor]] | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def adapter_name(index: int) -> str:
@@ -150,7 +151,41 @@ def ziplora_merge(
             "objective": {"plain_sum": before["mse"], "ziplora": after["mse"]},
             "mean_similarity": model.mean_similarity(),
         }
-        return ZipOutcome(model.merged_factors(), model.mergers(), info, recorded)
+        mergers = model.mergers()
+        return ZipOutcome(model.merged_factors(), mergers, info, recorded, fit_warnings(info, mergers))
+
+
+FADED = 0.5  # a mean merger under this for every LoRA, with few columns off, is a fade, not a separation
+OFF = 0.1  # a merger under this switches its column off (as the mergers' summary counts them)
+
+
+def fit_warnings(info: dict, mergers: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """What the user should know about a fit: a LoRA whose effect on its own prompt the merge keeps worse
+    than the plain sum does, and mergers that faded every LoRA instead of switching columns off (the
+    similarity term |m_i . m_j| also falls when every merger shrinks alike)."""
+    warnings = []
+    for label, error in info["model_error"].items():
+        if error["ziplora"] > 1.1 * error["plain_sum"] + 0.02:
+            warnings.append(
+                f"ZipLoRA keeps {label}'s effect on its own prompt worse than the plain sum does (whole-model "
+                f"error {error['ziplora']:.2f} against {error['plain_sum']:.2f}): compare with --method concat"
+            )
+    per_source = {}
+    for per in mergers.values():
+        for name, m in per.items():
+            per_source.setdefault(name, []).append(m.detach().float().flatten())
+    flat = [torch.cat(values) for values in per_source.values()]
+    means = [float(v.mean()) for v in flat]
+    off = [float((v.abs() < OFF).float().mean()) for v in flat]
+    if flat and max(means) < FADED and max(off) < 0.05 and info["history"]:
+        first = info["history"][0]
+        warnings.append(
+            f"the mergers faded every LoRA (mean merger {' / '.join(f'{m:.2f}' for m in means)}) instead of "
+            f"switching columns off ({' / '.join(f'{o:.0%}' for o in off)} off): the similarity term "
+            f"outweighed the reconstruction ({first['loss'] - first['reconstruction']:.3g} against "
+            f"{first['reconstruction']:.3g} at the first step); try a smaller --similarity-weight"
+        )
+    return warnings
 
 
 def prepare(pipe, model: ZipLoraModel, sources: list[MergeSource], cfg: MergeConfig) -> ZipSetup:

@@ -144,6 +144,7 @@ def report_rows(report: dict[str, Any]) -> list[list]:
 
 
 def report_summary(report: dict[str, Any]) -> str:
+    """One line on the merged file, then one "- warning: ..." line per warning of the merge."""
     ranks = report.get("ranks") or []
     rank = f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else (str(ranks[0]) if ranks else "?")
     size = report.get("file_bytes") or report.get("tensor_bytes")
@@ -151,4 +152,5 @@ def report_summary(report: dict[str, Any]) -> str:
     if size:
         text += f", {size / 2**20:.1f} MB"
     text += f"; difference from the exact weighted sum {report.get('exactness', 0):.3g}"
-    return text
+    warnings = [f"- warning: {w}" for w in report.get("warnings") or []]
+    return "\n".join([text, "", *warnings]) if warnings else text

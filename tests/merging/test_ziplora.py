@@ -97,6 +97,7 @@ def test_ziplora_lowers_the_objective_and_its_file_is_the_merged_model(tiny_sd15
     assert info["objective"]["ziplora"] < info["objective"]["plain_sum"]
     assert all(row.model_error < row.model_error_sum for row in result.report.sources)
     assert result.report.ranks == [6]
+    assert result.report.warnings == []
 
     # rebuild the merged model from the sources and the mergers stored in the file's metadata
     mergers = read_mergers(out)
@@ -110,6 +111,27 @@ def test_ziplora_lowers_the_objective_and_its_file_is_the_merged_model(tiny_sd15
     assert (zipped - before).abs().max() > 1e-2
     fresh_sd15.load_lora_weights(str(out), adapter_name="zip")  # diffusers, as any user loads it
     torch.testing.assert_close(unet_output(fresh_sd15), zipped, atol=1e-4, rtol=1e-4)
+
+
+def test_a_fit_that_only_fades_the_loras_says_so(tiny_sd15, tmp_path):
+    """A similarity term far above the reconstruction shrinks every merger alike, and the strong LoRA's
+    effect is kept worse than by the plain sum (the weak one barely touches it there): the report warns."""
+    strong = random_lora(tiny_sd15, "sd15", rank=4, seed=1, scale=0.3, text_encoder=False)
+    weak = random_lora(tiny_sd15, "sd15", rank=4, seed=2, scale=0.003, text_encoder=False)
+    pa = write_lora(strong, tmp_path / "strong.safetensors")
+    pb = write_lora(weak, tmp_path / "weak.safetensors")
+    cfg = build_config(
+        MergeConfig, sources=[str(pa), str(pb)], method="ziplora", model="unused",
+        out=str(tmp_path / "zip.safetensors"), prompts=["a sks dog", "a cat in zwx style"], lr=0.1,
+        similarity_weight=100.0, **FAST,
+    )  # fmt: skip
+    result = run_merge(cfg, pipe=tiny_sd15)
+    faded = [w for w in result.report.warnings if w.startswith("the mergers faded every LoRA")]
+    assert len(faded) == 1 and "--similarity-weight" in faded[0]
+    worse = [w for w in result.report.warnings if "worse than the plain sum" in w]
+    assert len(worse) == 1 and "strong.safetensors's effect" in worse[0] and "--method concat" in worse[0]
+    strong_row = result.report.sources[0]
+    assert strong_row.model_error > 1.1 * strong_row.model_error_sum
 
 
 def test_ziplora_fast_sdxl_and_layers_of_one_lora_stay_as_they_are(tiny_sdxl, tmp_path):

@@ -236,6 +236,13 @@ def test_merge_job_shows_its_report(client, studio_app, wait_for_job):
     assert "svd" in summary and "rank 4" in summary
     table = report.get("value", report)  # shown (an update that makes it visible) for merge jobs only
     assert [r[0] for r in table["data"]] == ["m1.safetensors", "m2.safetensors"]
+    assert "warning" not in summary
+    # a merge's warnings are on the page: ordinary LoRAs merged as orthogonal ones
+    _, job = client.predict(sources=["runs/m1/m1.safetensors", "runs/m2/m2.safetensors"], method="orthogonal",
+                            name="ortho", api_name="/merge")  # fmt: skip
+    assert wait_for_job(services, int(job)).status == "done"
+    summary = client.predict(job_id=int(job), api_name="/job_view")[-1]
+    assert "- warning: m1.safetensors has no orthogonal-adaptation metadata" in summary, summary
     # gradient fusion records each LoRA on a reference dataset (its captioned images) from the workspace
     pair = ["runs/m1/m1.safetensors", "runs/m2/m2.safetensors"]
     with pytest.raises(AppError, match="no dataset 'nope'"):
