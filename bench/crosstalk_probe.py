@@ -9,6 +9,11 @@ each concept's training images (noised at a few timesteps) and captions, the cro
 (1 = the others change the prediction as much as concept i's own LoRA does; 0 = they do not touch it),
 for each pair of LoRA files given as `--pair NAME:heart.safetensors,moon.safetensors:DATA_HEART,DATA_MOON`.
 
+A second table tests the premise: the other LoRA leaves concept i alone when concept i's layer inputs X_i
+lie outside its down-projection's row space. For every UNet linear layer both LoRAs adapt it gives the share
+of X_i's energy (concept i's LoRA alone loaded, the same noisy inputs) inside the row space of each LoRA's down-projection,
+median over layers, beside rank / width, what a random subspace of that rank holds.
+
     python bench/crosstalk_probe.py --model demo:sd15-128 \\
         --pair "orthogonal:/tmp/o/h.safetensors,/tmp/o/m.safetensors:/tmp/o/data/h,/tmp/o/data/m"
 """
@@ -16,6 +21,7 @@ for each pair of LoRA files given as `--pair NAME:heart.safetensors,moon.safeten
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -80,6 +86,60 @@ def crosstalk(pool: AdapterPool, files: list[str], folders: list[str]) -> list[f
     return ratios
 
 
+def row_spaces(file: str) -> dict[str, torch.Tensor]:
+    """{UNet module path: orthonormal basis (width x rank) of the down-projection's row space}, linear only."""
+    from merging.sources import module_factors
+    from studio.core.lora_files import read_lora
+
+    spaces = {}
+    for path, module in read_lora(file).modules.items():
+        if path.startswith("unet.") and not module.is_conv:
+            down = module_factors(module).down.double()
+            spaces[path.removeprefix("unet.")] = torch.linalg.qr(down.T).Q
+    return spaces
+
+
+def input_energy(pipe, inputs, bases: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{layer: [energy of its inputs inside each basis..., total energy]} over a base-model run of `inputs`."""
+    sums = {path: torch.zeros(len(bases) + 1, dtype=torch.float64) for path in bases[0]}
+
+    def hook(path):
+        def record(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            inside = [(x @ basis[path]).pow(2).sum() for basis in bases]
+            sums[path] += torch.stack([*inside, x.pow(2).sum()])
+
+        return record
+
+    handles = [pipe.unet.get_submodule(p).register_forward_pre_hook(hook(p)) for p in sums]
+    try:
+        predict(pipe, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums
+
+
+def slice_shares(pool: AdapterPool, files: list[str], folders: list[str]) -> list[tuple[float, float, float]]:
+    """Per concept i (its LoRA alone loaded, as when it generates): median over shared layers of the share of
+    X_i's energy in LoRA i's row space, in the other LoRA's, and rank / width."""
+    pipe = pool.pipe
+    spaces = [row_spaces(f) for f in files]
+    shared = sorted(set(spaces[0]) & set(spaces[1]))
+    result = []
+    for i, folder in enumerate(folders):
+        bases = [{p: spaces[k][p] for p in shared} for k in (i, 1 - i)]
+        inputs = noisy_inputs(pipe, Path(folder), torch.Generator().manual_seed(i))
+        pool.activate([(pool.load(files[i]), 1.0, None)])
+        sums = input_energy(pipe, inputs, bases)
+        pool.activate([])
+        own = [float(sums[p][0] / sums[p][2]) for p in shared]
+        other = [float(sums[p][1] / sums[p][2]) for p in shared]
+        random = [spaces[i][p].shape[1] / spaces[i][p].shape[0] for p in shared]
+        result.append((statistics.median(own), statistics.median(other), statistics.median(random)))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,11 +156,23 @@ def main(argv: list[str] | None = None) -> int:
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
     pool = AdapterPool(pipe, "sd15")
     lines = ["| LoRAs | crosstalk on concept 1 | crosstalk on concept 2 |", "|---|---|---|"]
+    shares = [
+        "",
+        "Share of concept i's layer-input energy in each LoRA's row space (median over shared linear layers):",
+        "",
+        "| LoRAs | concept 1: own LoRA / other LoRA / rank over width "
+        "| concept 2: own LoRA / other LoRA / rank over width |",
+        "|---|---|---|",
+    ]
     for spec in args.pair:
         name, files, folders = spec.split(":")
         ratios = crosstalk(pool, files.split(","), folders.split(","))
         lines.append(f"| {name} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
         print(lines[-1], flush=True)
+        cells = slice_shares(pool, files.split(","), folders.split(","))
+        shares.append(f"| {name} | " + " | ".join(" / ".join(f"{v:.3f}" for v in c) for c in cells) + " |")
+        print(shares[-1], flush=True)
+    lines += shares
     pairs = " ".join(f'--pair "{p}"' for p in args.pair)
     head = record_head(
         "Crosstalk of summed LoRAs on each concept's own inputs (SD1.5 demo model)",

@@ -40,7 +40,12 @@ VARIANTS: dict[str, dict] = {
     "text encoder, merge weight 0.6": {"train_text_encoder": True, "merge_weight": 0.6},
     # each subject's trigger word learnt as a token embedding with its LoRA (the paper's lr 1e-3)
     "token embeddings": {"token_words": "own"},
+    # each subject's training images all on one background of its own (OWN_BACKGROUNDS), so that the
+    # concepts' pictures differ everywhere, not only in a shape
+    "own backgrounds": {"own_background": True},
+    "own backgrounds, token embeddings": {"own_background": True, "token_words": "own"},
 }
+OWN_BACKGROUNDS = ("black", "white", "purple", "orange")  # subject i's; never its own colour
 KINDS = {"orthogonal": ("orthogonal", "orthogonal"), "ordinary": ("dreambooth", "concat")}
 
 
@@ -49,11 +54,15 @@ def train_kind(ev: Evaluator, kind: str, options: dict, subjects) -> list[Path]:
     method = KINDS[kind][0]
     tag = "".join(f"_{k}{v}" for k, v in sorted(options.items()))
     files = []
+    options = dict(options)
+    own_background = options.pop("own_background", False)
     for index, subject in enumerate(subjects):
+        background = OWN_BACKGROUNDS[index] if own_background else ""
         samples = ev.world.dreambooth_set(
-            n=ev.plan.train_images, shape=subject["shape"], colour=subject["colour"], token=subject["token"]
-        )
-        data = ev.write_set(f"subject_{subject['shape']}", samples)
+            n=ev.plan.train_images, shape=subject["shape"], colour=subject["colour"], token=subject["token"],
+            background=background,
+        )  # fmt: skip
+        data = ev.write_set(f"subject_{subject['shape']}" + f"_on_{background}" * bool(background), samples)
         extra = {"prompt": f"a {subject['token']} shape", "use_captions": True}
         if kind == "orthogonal":
             # the eval's orthogonal LoRAs train twice the steps at 128 px (EvalPlan.ortho_steps)

@@ -312,8 +312,10 @@ class World:
         token: str = "sks",
         class_noun: str = "shape",
         beside: float = 0.0,
+        background: str = "",
     ) -> list[Sample]:
-        """A DreamBooth instance set: one subject (a held-out shape in one colour, flat) on varied backgrounds.
+        """A DreamBooth instance set: one subject (a held-out shape in one colour, flat) on varied backgrounds,
+        or all on `background`.
 
         Captions read "a sks shape on a blue background"; the matching class prompt is `class_prompt(...)`.
         With `beside`, that share of the images shows the subject on one side of a two-shape scene, next to a
@@ -329,7 +331,8 @@ class World:
                 subject = scene.left if scene.left.shape == shape else scene.right
                 samples.append(Sample(self.render(scene), caption, subject))
             else:
-                spec = self.random_spec(rng, (shape,), ("flat",), colours=(colour,))
+                only = (background,) if background else None
+                spec = self.random_spec(rng, (shape,), ("flat",), colours=(colour,), backgrounds=only)
                 samples.append(Sample(self.render(spec), self.caption(spec, subject=name), spec))
         return samples
 
