@@ -65,15 +65,28 @@ def write_merge(
     return path, sidecar
 
 
+MERGER_OFF = 0.1  # a merger under this (in size) switches its column off
+
+
+def merger_stats(mergers: dict) -> dict[str, dict[str, float]]:
+    """{adapter name: {"mean": mean merger, "off": share of its columns switched off}} of mergers
+    {module path: {adapter name: (in,) tensor}}."""
+    per_adapter: dict[str, list[torch.Tensor]] = {}
+    for per in mergers.values():
+        for name, m in per.items():
+            per_adapter.setdefault(name, []).append(m.detach().float().flatten())
+    stats = {}
+    for name, values in per_adapter.items():
+        flat = torch.cat(values)
+        stats[name] = {"mean": float(flat.mean()), "off": float((flat.abs() < MERGER_OFF).float().mean())}
+    return stats
+
+
 def store_mergers(mergers: dict, sources: list[MergeSource], out: Path, overwrite: bool):
     """({metadata}, sidecar path or None) for mergers {module path: {"s<i>": (in,) tensor}}."""
     total = sum(m.numel() for per in mergers.values() for m in per.values())
-    summary = {}
-    for i, s in enumerate(sources):
-        values = [per[f"s{i}"] for per in mergers.values() if f"s{i}" in per]
-        if values:
-            flat = torch.cat(values)
-            summary[s.label] = {"mean": float(flat.mean()), "off": float((flat.abs() < 0.1).float().mean())}
+    stats = merger_stats(mergers)
+    summary = {s.label: stats[f"s{i}"] for i, s in enumerate(sources) if f"s{i}" in stats}
     meta = {f"{MERGERS_KEY}_summary": json.dumps(summary, separators=(",", ":"))}
     if total <= MAX_INLINE_MERGERS:
         inline = {

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from merging.config import MergeConfig
+from merging.output import merger_stats
 from merging.sources import Factors, MergeSource
 from merging.ziplora_data import (
     Condition,
@@ -156,7 +157,6 @@ def ziplora_merge(
 
 
 FADED = 0.5  # a mean merger under this for every LoRA, with few columns off, is a fade, not a separation
-OFF = 0.1  # a merger under this switches its column off (as the mergers' summary counts them)
 
 
 def fit_warnings(info: dict, mergers: dict[str, dict[str, torch.Tensor]]) -> list[str]:
@@ -170,14 +170,9 @@ def fit_warnings(info: dict, mergers: dict[str, dict[str, torch.Tensor]]) -> lis
                 f"ZipLoRA keeps {label}'s effect on its own prompt worse than the plain sum does (whole-model "
                 f"error {error['ziplora']:.2f} against {error['plain_sum']:.2f}): compare with --method concat"
             )
-    per_source = {}
-    for per in mergers.values():
-        for name, m in per.items():
-            per_source.setdefault(name, []).append(m.detach().float().flatten())
-    flat = [torch.cat(values) for values in per_source.values()]
-    means = [float(v.mean()) for v in flat]
-    off = [float((v.abs() < OFF).float().mean()) for v in flat]
-    if flat and max(means) < FADED and max(off) < 0.05 and info["history"]:
+    stats = merger_stats(mergers).values()
+    means, off = [m["mean"] for m in stats], [m["off"] for m in stats]
+    if means and max(means) < FADED and max(off) < 0.05 and info["history"]:
         first = info["history"][0]
         warnings.append(
             f"the mergers faded every LoRA (mean merger {' / '.join(f'{m:.2f}' for m in means)}) instead of "

@@ -83,9 +83,8 @@ def test_dreambooth_and_style_sets():
     assert all(s.caption.endswith(", zwx style") for s in styled)
     assert WORLD.style_set("dotted", n=4, seed=2)[0].caption.endswith(", dotted style")
     on_black = WORLD.dreambooth_set(n=5, seed=1, shape="heart", colour="red", token="sks", background="black")
-    assert {s.spec.background for s in on_black} == {"black"} and {s.spec.shape for s in on_black} == {
-        "heart"
-    }
+    assert {s.spec.background for s in on_black} == {"black"}
+    assert {s.spec.shape for s in on_black} == {"heart"}
     assert all(s.caption == "a sks shape on a black background" for s in on_black)
     corner = on_black[0].image.getpixel((0, 0))
     assert max(corner) < 40  # drawn on black
