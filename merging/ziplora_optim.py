@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from merging.config import MergeConfig
+from studio.core.errors import StudioError
 
 Progress = Callable[[dict], None]
 
@@ -25,7 +26,13 @@ def optimizer_step(
     """One step on the mergers, logged into `history`; returns why to stop early, or None to go on.
 
     Shared by the whole-model fit (merging/ziplora.py) and the fast layer-wise fit (merging/ziplora_fast.py).
+    A loss that is no longer finite stops the merge before the mergers take it in: nothing is written.
     """
+    if not bool(torch.isfinite(loss.detach())):
+        raise StudioError(
+            f"ZipLoRA's loss became {float(loss.detach())} at step {len(history) + 1}: the fit diverged and "
+            f"nothing was written. Lower --lr (now {cfg.lr:g}), or run the base model in fp32 (--dtype fp32)"
+        )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -134,6 +134,22 @@ def test_a_fit_that_only_fades_the_loras_says_so(tiny_sd15, tmp_path):
     assert strong_row.model_error > 1.1 * strong_row.model_error_sum
 
 
+def test_a_fit_that_diverges_stops_with_a_clear_error_and_writes_nothing(tiny_sd15, tmp_path):
+    pa, pb = _pair(tiny_sd15, "sd15", tmp_path)
+    out = tmp_path / "zip.safetensors"
+    cfg = build_config(
+        MergeConfig, sources=[str(pa), str(pb)], method="ziplora", model="unused", out=str(out),
+        prompts=["a sks dog", "a cat in zwx style"], lr=1e30, **FAST,
+    )  # fmt: skip
+    before = unet_output(tiny_sd15)
+    with pytest.raises(
+        StudioError, match=r"the fit diverged and nothing was written. Lower --lr \(now 1e\+30\)"
+    ):
+        run_merge(cfg, pipe=tiny_sd15)
+    assert not out.exists() and not list(tmp_path.glob("zip*"))
+    assert torch.equal(unet_output(tiny_sd15), before), "the given pipeline is left as it was"
+
+
 def test_ziplora_fast_sdxl_and_layers_of_one_lora_stay_as_they_are(tiny_sdxl, tmp_path):
     only_attn1 = [p for p in model_module_shapes(tiny_sdxl) if ".attn1." in p]
     pa, pb = _pair(tiny_sdxl, "sdxl", tmp_path, targets_b=only_attn1, scale=0.12)
