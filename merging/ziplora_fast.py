@@ -130,7 +130,7 @@ def fit_layerwise(setup, cfg, progress=None) -> tuple[list[dict], str]:
         similarity = sum(g.similarity() for g in groups)
         loss = recon + cfg.similarity_weight * similarity
         stop = optimizer_step(
-            optimizer, loss, recon, similarity, pairs, cfg.fast_steps, cfg, history, progress
+            optimizer, loss, recon, similarity, pairs, cfg.fast_steps, cfg, history, progress, "--fast-lr"
         )
         if stop:
             stopped = stop

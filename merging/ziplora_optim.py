@@ -22,16 +22,19 @@ def optimizer_step(
     cfg: MergeConfig,
     history: list[dict],
     progress: Progress | None,
+    lr_option: str = "--lr",
 ) -> str | None:
     """One step on the mergers, logged into `history`; returns why to stop early, or None to go on.
 
     Shared by the whole-model fit (merging/ziplora.py) and the fast layer-wise fit (merging/ziplora_fast.py).
-    A loss that is no longer finite stops the merge before the mergers take it in: nothing is written.
+    A loss that is no longer finite stops the merge before the mergers take it in: nothing is written
+    (`lr_option`: the option that sets this fit's rate, named in the error).
     """
     if not bool(torch.isfinite(loss.detach())):
+        lr = optimizer.param_groups[0]["lr"]
         raise StudioError(
             f"ZipLoRA's loss became {float(loss.detach())} at step {len(history) + 1}: the fit diverged and "
-            f"nothing was written. Lower --lr (now {cfg.lr:g}), or run the base model in fp32 (--dtype fp32)"
+            f"nothing was written. Lower {lr_option} (now {lr:g}), or run the base model in fp32 (--dtype fp32)"
         )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

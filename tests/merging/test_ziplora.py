@@ -148,6 +148,13 @@ def test_a_fit_that_diverges_stops_with_a_clear_error_and_writes_nothing(tiny_sd
         run_merge(cfg, pipe=tiny_sd15)
     assert not out.exists() and not list(tmp_path.glob("zip*"))
     assert torch.equal(unet_output(tiny_sd15), before), "the given pipeline is left as it was"
+    fast = build_config(
+        MergeConfig, sources=[str(pa), str(pb)], method="ziplora-fast", model="unused", out=str(out),
+        prompts=["a sks dog", "a cat in zwx style"], fast_lr=1e30, **FAST,
+    )  # fmt: skip
+    with pytest.raises(StudioError, match=r"Lower --fast-lr \(now 1e\+30\)"):
+        run_merge(fast, pipe=tiny_sd15)
+    assert not list(tmp_path.glob("zip*"))
 
 
 def test_ziplora_fast_sdxl_and_layers_of_one_lora_stay_as_they_are(tiny_sdxl, tmp_path):
