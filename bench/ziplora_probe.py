@@ -59,6 +59,9 @@ VARIANTS: dict[str, dict | None] = {
     "ZipLoRA, training images as references, lambda 0": {"data": True, "similarity_weight": 0.0},
     "ZipLoRA, lambda 1e-3": {"similarity_weight": 1e-3},
     "ZipLoRA, lambda 1e-4": {"similarity_weight": 1e-4},
+    # the layer-wise variant, as the eval's "ZipLoRA fast" row runs it ("method": the merge method)
+    "ZipLoRA fast, the eval's settings": {"method": "ziplora-fast"},
+    "ZipLoRA fast, lambda 0": {"method": "ziplora-fast", "similarity_weight": 0.0},
 }
 # what each LoRA does to the other's prompt, which ZipLoRA's two fidelity terms ask to undo, and each alone
 # on the merge prompts: (LoRA, prompts)
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             merged = ev.merge(slug, "concat", sources)
         else:
             options = dict(options)
+            method = options.pop("method", "ziplora")
             if options.pop("data", False):
                 options |= {"references": folders, "reference_captions": True}
             options = {
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": ev.plan.ziplora_steps,
                 "device": "cpu",
             } | options
-            merged = ev.merge(slug, "ziplora", sources, **options)
+            merged = ev.merge(slug, method, sources, **options)
         row = ev.subject_row("merge", name, [(merged, 1.0)], style=STYLE)
         fit = {"fit": fit_summary(merged)} if options is not None else {}
         return [{"variant": name} | {m: row.metrics[m] for m in METRICS} | fit]
