@@ -68,13 +68,13 @@ def predict(pipe, inputs) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def crosstalk(pool: AdapterPool, files: list[str], folders: list[str]) -> list[float]:
-    """Through the studio's adapter pool, as generation runs them (token embeddings a file bundles included)."""
+def crosstalk(pool: AdapterPool, files: list[str], concept_inputs: list) -> list[float]:
+    """Through the studio's adapter pool, as generation runs them (token embeddings a file bundles included);
+    `concept_inputs`: each concept's `noisy_inputs`."""
     pipe = pool.pipe
     adapters = [pool.load(path) for path in files]
     ratios = []
-    for i, folder in enumerate(folders):
-        inputs = noisy_inputs(pipe, Path(folder), torch.Generator().manual_seed(i))
+    for i, inputs in enumerate(concept_inputs):
         pool.activate([])
         base = predict(pipe, inputs)
         pool.activate([(adapters[i], 1.0, None)])
@@ -120,16 +120,17 @@ def input_energy(pipe, inputs, bases: list[dict[str, torch.Tensor]]) -> dict[str
     return sums
 
 
-def slice_shares(pool: AdapterPool, files: list[str], folders: list[str]) -> list[tuple[float, float, float]]:
+def slice_shares(
+    pool: AdapterPool, files: list[str], concept_inputs: list
+) -> list[tuple[float, float, float]]:
     """Per concept i (its LoRA alone loaded, as when it generates): median over shared layers of the share of
     X_i's energy in LoRA i's row space, in the other LoRA's, and rank / width."""
     pipe = pool.pipe
     spaces = [row_spaces(f) for f in files]
     shared = sorted(set(spaces[0]) & set(spaces[1]))
     result = []
-    for i, folder in enumerate(folders):
+    for i, inputs in enumerate(concept_inputs):
         bases = [{p: spaces[k][p] for p in shared} for k in (i, 1 - i)]
-        inputs = noisy_inputs(pipe, Path(folder), torch.Generator().manual_seed(i))
         pool.activate([(pool.load(files[i]), 1.0, None)])
         sums = input_energy(pipe, inputs, bases)
         pool.activate([])
@@ -166,10 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for spec in args.pair:
         name, files, folders = spec.split(":")
-        ratios = crosstalk(pool, files.split(","), folders.split(","))
+        files = files.split(",")
+        inputs = [
+            noisy_inputs(pipe, Path(f), torch.Generator().manual_seed(i))
+            for i, f in enumerate(folders.split(","))
+        ]
+        ratios = crosstalk(pool, files, inputs)
         lines.append(f"| {name} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
         print(lines[-1], flush=True)
-        cells = slice_shares(pool, files.split(","), folders.split(","))
+        cells = slice_shares(pool, files, inputs)
         shares.append(f"| {name} | " + " | ".join(" / ".join(f"{v:.3f}" for v in c) for c in cells) + " |")
         print(shares[-1], flush=True)
     lines += shares

@@ -165,10 +165,7 @@ def contrast_set(ev) -> Path:
     from dataclasses import replace
 
     from studio.demo.concepts import STYLE
-    from studio.demo.world import Sample
 
-    world, plain = ev.world, []
-    for sample in world.style_set(STYLE, n=ev.plan.style_images):
-        spec = replace(sample.spec, style="flat")
-        plain.append(Sample(world.render(spec), world.caption(spec), spec))
+    styled = ev.world.style_set(STYLE, n=ev.plan.style_images)
+    plain = ev.world.render_samples([replace(sample.spec, style="flat") for sample in styled])
     return ev.write_set(f"contrast_{STYLE}", plain)
