@@ -22,7 +22,7 @@ import torch
 from merging.report import MergeReport
 from merging.sources import MergeSource
 from studio.core.families import Family
-from studio.core.io import atomic_save_safetensors, read_header, read_safetensors
+from studio.core.io import MERGERS_SUFFIX, atomic_save_safetensors, read_header, read_safetensors
 from studio.core.lora_files import LoraSet, write_lora
 
 REPORT_KEY = "studio_merge_report"
@@ -94,7 +94,7 @@ def store_mergers(mergers: dict, sources: list[MergeSource], out: Path, overwrit
         }
         meta[MERGERS_KEY] = json.dumps(inline, separators=(",", ":"))
         return meta, None
-    sidecar = out.with_name(out.name.removesuffix(".safetensors") + ".mergers.safetensors")
+    sidecar = out.with_name(out.name.removesuffix(".safetensors") + MERGERS_SUFFIX)
     tensors = {f"{p}.merger.{k[1:]}": m for p, per in mergers.items() for k, m in per.items()}
     atomic_save_safetensors(tensors, sidecar, {"studio_mergers_for": out.name}, overwrite=overwrite)
     meta[f"{MERGERS_KEY}_file"] = sidecar.name

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studio.core.errors import ConfigError
+from studio.core.io import MERGERS_SUFFIX
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -103,6 +104,7 @@ class Workspace:
         return sorted(p.name for p in self.datasets.iterdir() if p.is_dir())
 
     def lora_files(self) -> list[str]:
-        """LoRA files (merged ones in loras/, trained ones in runs/<name>/), as workspace-relative paths."""
+        """LoRA files (merged ones in loras/, trained ones in runs/<name>/), as workspace-relative paths; a
+        ZipLoRA merge's mergers file beside it is not one."""
         found = [*self.loras.glob("*.safetensors"), *self.runs.glob("*/*.safetensors")]
-        return sorted(str(p.relative_to(self.root)) for p in found)
+        return sorted(str(p.relative_to(self.root)) for p in found if not p.name.endswith(MERGERS_SUFFIX))

@@ -41,6 +41,10 @@ DTYPE_BYTES = {
 }  # fmt: skip
 
 
+# A ZipLoRA merge's mergers, beside the merged OUT.safetensors as OUT.mergers.safetensors: not a LoRA.
+MERGERS_SUFFIX = ".mergers.safetensors"
+
+
 def is_pickle(path: str | Path) -> bool:
     """True for the pickle file kinds (.ckpt, .pt, .pth, .bin), which are refused unless allowed."""
     return Path(path).suffix.lower() in PICKLE_SUFFIXES

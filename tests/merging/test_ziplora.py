@@ -8,6 +8,7 @@ from torch import nn
 from merging import MergeConfig, read_mergers, run_merge
 from merging.sources import Factors, load_sources
 from merging.ziplora_layer import ZipLoraLayer, ZipLoraModel
+from studio.app.workspace import Workspace
 from studio.core.errors import ConfigError, StudioError
 from studio.core.lora_files import LoraSet, read_lora, write_lora
 from studio.core.lora_ref import parse_lora_ref
@@ -82,7 +83,8 @@ def _pair(pipe, family, tmp_path, targets_b=None, scale=0.3):
 
 def test_ziplora_lowers_the_objective_and_its_file_is_the_merged_model(tiny_sd15, fresh_sd15, tmp_path):
     pa, pb = _pair(tiny_sd15, "sd15", tmp_path)
-    out = tmp_path / "zip.safetensors"
+    ws = Workspace.create(tmp_path / "ws")
+    out = ws.loras / "zip.safetensors"
     cfg = build_config(
         MergeConfig, sources=[str(pa), f"{pb}:0.8"], method="ziplora", model="unused", out=str(out),
         prompts=["a sks dog", "a cat in zwx style"], lr=0.05, **FAST,
@@ -102,6 +104,7 @@ def test_ziplora_lowers_the_objective_and_its_file_is_the_merged_model(tiny_sd15
     # rebuild the merged model from the sources and the mergers stored in the file's metadata
     mergers = read_mergers(out)
     assert set(mergers) == set(read_lora(pa).modules) and result.sidecar is not None
+    assert ws.lora_files() == ["loras/zip.safetensors"], "the mergers' sidecar is not offered as a LoRA"
     sources, _ = load_sources([parse_lora_ref(str(pa)), parse_lora_ref(f"{pb}:0.8")])
     model = ZipLoraModel(fresh_sd15, {f"s{i}": s.factors() for i, s in enumerate(sources)})
     model.load_mergers({p: {f"s{k}": v for k, v in per.items()} for p, per in mergers.items()})
